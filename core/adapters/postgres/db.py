@@ -1,0 +1,41 @@
+"""The one place that opens PostgreSQL connections."""
+
+from __future__ import annotations
+
+from psycopg import Connection
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from core.settings import Settings
+
+
+def connect_kwargs(settings: Settings) -> dict[str, object]:
+    return {
+        "autocommit": False,
+        "options": (
+            f"-c statement_timeout={settings.db_statement_timeout_ms}"
+            f" -c lock_timeout={settings.db_lock_timeout_ms}"
+        ),
+        "application_name": "cleanledger",
+    }
+
+
+def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
+    """A connection pool, opened and waited for so a bad URL fails at start-up, not on first use."""
+    pool: ConnectionPool = ConnectionPool(
+        settings.database_url,
+        min_size=settings.db_pool_min if min_size is None else min_size,
+        max_size=settings.db_pool_max if max_size is None else max_size,
+        kwargs=connect_kwargs(settings),
+        open=False,
+        name="cleanledger",
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def connect(settings: Settings, *, autocommit: bool = True) -> Connection[TupleRow]:
+    """A single connection, for CLI commands (migrate, verify) and tests."""
+    kwargs = connect_kwargs(settings)
+    kwargs["autocommit"] = autocommit
+    return Connection.connect(settings.database_url, **kwargs)  # type: ignore[arg-type]

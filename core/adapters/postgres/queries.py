@@ -1,0 +1,112 @@
+"""Read side on PostgreSQL: balances in O(1) from the stored balance, entries by keyset pagination."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from uuid import UUID
+
+from psycopg import IsolationLevel, sql
+from psycopg_pool import ConnectionPool
+
+from core.adapters.postgres.uow import ACCOUNT_COLUMNS, account_from_row, operation_from_row
+from core.application.ports import EntryPage, EntryView, LedgerQueries
+from core.application.views import OperationResult
+from core.domain.errors import AccountNotFound, RequestInvalid
+from core.domain.model import Account
+
+# Largest page a reader may ask for, in entries.
+MAX_PAGE_SIZE = 1000
+
+
+def encode_cursor(created_at: datetime, sequence: int) -> str:
+    raw = f"{created_at.isoformat()}|{sequence}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, _, sequence = raw.partition("|")
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return created_at, int(sequence)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise RequestInvalid("cursor is not one this API returned") from None
+
+
+class PostgresQueries(LedgerQueries):
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def account(self, tenant_id: str, account_id: UUID) -> Account | None:
+        with self.pool.connection() as conn:
+            conn.isolation_level = IsolationLevel.READ_COMMITTED
+            row = conn.execute(
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s",
+                (account_id, tenant_id),
+            ).fetchone()
+        return account_from_row(row) if row else None
+
+    def entries(
+        self,
+        tenant_id: str,
+        account_id: UUID,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        newest_first: bool = True,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> EntryPage:
+        if not 1 <= limit <= MAX_PAGE_SIZE:
+            raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+        if since and until and since >= until:
+            raise RequestInvalid("'since' must be before 'until'")
+        conditions: list[sql.Composable] = [sql.SQL("e.account_id = %(account)s")]
+        params: dict[str, object] = {"account": account_id, "tenant": tenant_id, "limit": limit + 1}
+        if since is not None:
+            conditions.append(sql.SQL("e.created_at >= %(since)s"))
+            params["since"] = since
+        if until is not None:
+            conditions.append(sql.SQL("e.created_at < %(until)s"))
+            params["until"] = until
+        if cursor is not None:
+            params["c_time"], params["c_seq"] = decode_cursor(cursor)
+            conditions.append(
+                sql.SQL("(e.created_at, e.sequence) {} (%(c_time)s, %(c_seq)s)").format(
+                    sql.SQL("<" if newest_first else ">")
+                )
+            )
+        direction = sql.SQL("DESC" if newest_first else "ASC")
+        query = sql.SQL(
+            "SELECT e.transaction_id, t.kind, e.account_id, e.amount, e.currency, e.sequence,"
+            " e.balance_after, e.created_at"
+            " FROM entries e JOIN transactions t ON t.id = e.transaction_id"
+            " WHERE {where}"
+            " ORDER BY e.created_at {dir}, e.sequence {dir} LIMIT %(limit)s"
+        ).format(where=sql.SQL(" AND ").join(conditions), dir=direction)
+        with self.pool.connection() as conn:
+            conn.isolation_level = IsolationLevel.REPEATABLE_READ  # the account check and page agree
+            owner = conn.execute(
+                "SELECT 1 FROM accounts WHERE id = %(account)s AND tenant_id = %(tenant)s", params
+            ).fetchone()
+            if owner is None:
+                raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+            rows = conn.execute(query, params).fetchall()
+        views = [EntryView(*row) for row in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = encode_cursor(views[-1].created_at, views[-1].sequence) if more else None
+        return EntryPage(views, next_cursor)
+
+    def operation(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
+        with self.pool.connection() as conn:
+            conn.isolation_level = IsolationLevel.READ_COMMITTED
+            row = conn.execute(
+                "SELECT k.operation_id, k.status, k.response FROM idempotency_keys k"
+                " WHERE k.operation_id = %s AND k.tenant_id = %s",
+                (operation_id, tenant_id),
+            ).fetchone()
+        return operation_from_row(*row) if row else None

@@ -1,0 +1,150 @@
+"""Commands: what a client asks the ledger to do. Immutable, validated on construction, JSON round-trippable.
+
+The JSON form is the wire format on RabbitMQ and the stored request of an operation; its canonical
+encoding (sorted keys, no whitespace) is hashed into the idempotency fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from uuid import UUID
+
+from core.domain.errors import IdempotencyKeyInvalid, RequestInvalid, SameAccount, ValidationFailed
+from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
+from core.domain.money import Money, validate_currency
+
+# Idempotency keys: 1-255 printable ASCII characters, no spaces (UUIDs, ULIDs, "order-123:attempt-1"...).
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def validate_idempotency_key(key: object) -> str:
+    if not isinstance(key, str) or not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise IdempotencyKeyInvalid("Idempotency-Key must be 1-255 printable ASCII characters without spaces")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Base: every command belongs to one tenant."""
+
+    type: ClassVar[str] = ""
+    tenant_id: str
+
+    def __post_init__(self) -> None:
+        validate_tenant_id(self.tenant_id)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.type}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, Money):
+                body["amount"], body["currency"] = value.amount, value.currency
+            elif isinstance(value, OverdraftPolicy):
+                body["overdraft_limit"] = value.limit
+            elif isinstance(value, UUID | AccountStatus):
+                body[name] = str(value)
+            elif value is not None or name == "account_id":
+                body[name] = value
+        return body
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON form: equal requests, equal fingerprints."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CreateAccount(Command):
+    type: ClassVar[str] = "create_account"
+    currency: str
+    overdraft: OverdraftPolicy = field(default_factory=OverdraftPolicy)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    account_id: UUID | None = None  # None: the ledger assigns one
+
+    def __post_init__(self) -> None:
+        super(CreateAccount, self).__post_init__()
+        validate_currency(self.currency)
+        validate_metadata(self.metadata)
+        if self.overdraft.limit is None:
+            raise RequestInvalid("customer accounts need an overdraft limit (0 for none)")
+
+
+@dataclass(frozen=True, slots=True)
+class Credit(Command):
+    """Money arrives from outside the ledger: external account -> account."""
+
+    type: ClassVar[str] = "credit"
+    account_id: UUID
+    amount: Money
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(Credit, self).__post_init__()
+        validate_metadata(self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Debit(Command):
+    """Money leaves the ledger: account -> external account."""
+
+    type: ClassVar[str] = "debit"
+    account_id: UUID
+    amount: Money
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(Debit, self).__post_init__()
+        validate_metadata(self.metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer(Command):
+    type: ClassVar[str] = "transfer"
+    source_id: UUID
+    destination_id: UUID
+    amount: Money
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(Transfer, self).__post_init__()
+        validate_metadata(self.metadata)
+        if self.source_id == self.destination_id:
+            raise SameAccount()
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeAccountStatus(Command):
+    """Freeze, unfreeze or close an account."""
+
+    type: ClassVar[str] = "change_account_status"
+    account_id: UUID
+    status: AccountStatus
+
+
+PostingCommand = Credit | Debit | Transfer
+COMMAND_TYPES: dict[str, type[Command]] = {
+    cls.type: cls for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus)
+}
+
+
+def command_from_json(body: dict[str, Any]) -> Command:
+    """Rebuild a command from its JSON form (the queue's wire format); raises a catalogued error."""
+    try:
+        data = dict(body)
+        cls = COMMAND_TYPES[data.pop("type")]
+        if "amount" in data:
+            data["amount"] = Money.for_posting(data.pop("amount"), data.pop("currency"))
+        if "overdraft_limit" in data:
+            data["overdraft"] = OverdraftPolicy(data.pop("overdraft_limit"))
+        for name in ("account_id", "source_id", "destination_id"):
+            if data.get(name) is not None:
+                data[name] = UUID(data[name])
+        if "status" in data:
+            data["status"] = AccountStatus(data["status"])
+        return cls(**data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValidationFailed(f"not a valid command: {exc}") from None

@@ -1,0 +1,145 @@
+"""Ports: what the use cases need from the outside world. Adapters implement them; fakes subclass them."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+from core.application.commands import Command
+from core.application.views import OperationResult
+from core.domain.ids import new_id
+from core.domain.model import Account, Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingKey:
+    """An idempotency key that was already claimed: by an earlier request, or by the ingress that queued us."""
+
+    fingerprint: str
+    operation: OperationResult
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A fact published after commit through the outbox. `id` lets consumers deduplicate."""
+
+    type: str  # routing key on the `ledger.events` exchange, e.g. "transaction.posted"
+    tenant_id: str
+    payload: dict[str, Any]
+    occurred_at: datetime
+    id: UUID = field(default_factory=new_id)
+
+
+class AccountRepository(abc.ABC):
+    @abc.abstractmethod
+    def add(self, account: Account) -> bool:
+        """Insert a new account; False when the id is taken."""
+
+    @abc.abstractmethod
+    def lock(self, tenant_id: str, ids: Collection[UUID]) -> dict[UUID, Account]:
+        """Lock the tenant's accounts among `ids` for update, in id order; absent ids are left out."""
+
+    @abc.abstractmethod
+    def ensure_external(self, tenant_id: str, currency: str) -> None:
+        """Create the tenant's external account for `currency` unless it exists."""
+
+    @abc.abstractmethod
+    def save_status(self, account: Account) -> None:
+        """Persist a status change of a locked account."""
+
+
+class Ledger(abc.ABC):
+    @abc.abstractmethod
+    def append(self, transaction: Transaction, accounts: Sequence[Account], *, operation_id: UUID) -> None:
+        """Insert the transaction and its entries and store the accounts' new balances."""
+
+
+class IdempotencyStore(abc.ABC):
+    @abc.abstractmethod
+    def claim(
+        self, command: Command, *, key: str, fingerprint: str, operation_id: UUID
+    ) -> ExistingKey | None:
+        """Claim (tenant, key) for this operation. None: claimed now. Otherwise the key's existing record,
+        locked until the end of the unit of work."""
+
+    @abc.abstractmethod
+    def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:
+        """Store the settled outcome against the key (and its operation)."""
+
+
+class Outbox(abc.ABC):
+    @abc.abstractmethod
+    def stage(self, event: Event) -> None:
+        """Record an event to publish once this unit of work commits."""
+
+
+class UnitOfWork(abc.ABC):
+    """One atomic, SERIALIZABLE unit. Leaving the `with` block without `commit()` rolls back."""
+
+    accounts: AccountRepository
+    ledger: Ledger
+    idempotency: IdempotencyStore
+    outbox: Outbox
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.rollback()
+
+    @abc.abstractmethod
+    def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    def rollback(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EntryView:
+    """One entry as a reader sees it: the entry plus its transaction's id, kind and time."""
+
+    transaction_id: UUID
+    transaction_kind: str
+    account_id: UUID
+    amount: int
+    currency: str
+    sequence: int
+    balance_after: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPage:
+    entries: list[EntryView]
+    next_cursor: str | None  # opaque; None on the last page
+
+
+class LedgerQueries(abc.ABC):
+    """Read side: plain reads, no locks, never inside a posting."""
+
+    @abc.abstractmethod
+    def account(self, tenant_id: str, account_id: UUID) -> Account | None: ...
+
+    @abc.abstractmethod
+    def entries(
+        self,
+        tenant_id: str,
+        account_id: UUID,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        newest_first: bool = True,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> EntryPage:
+        """A page of an account's entries, keyset-paginated; `since` inclusive, `until` exclusive."""
+
+    @abc.abstractmethod
+    def operation(self, tenant_id: str, operation_id: UUID) -> OperationResult | None: ...

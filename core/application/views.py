@@ -1,0 +1,92 @@
+"""Outcomes and their JSON shapes: what a client, a poller or a replay sees. One place for the shapes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from core.domain.errors import LedgerError
+from core.domain.model import Account, Transaction
+
+
+class OperationStatus(enum.StrEnum):
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class OperationResult:
+    """The settled (or not yet settled) outcome of one command, as stored against its idempotency key."""
+
+    operation_id: UUID
+    status: OperationStatus
+    result: dict[str, Any] | None = None
+    problem: dict[str, Any] | None = None
+    replayed: bool = False  # True when answered from the stored result instead of executing
+
+    @classmethod
+    def succeeded(cls, operation_id: UUID, result: dict[str, Any]) -> OperationResult:
+        return cls(operation_id, OperationStatus.SUCCEEDED, result=result)
+
+    @classmethod
+    def failed(cls, operation_id: UUID, error: LedgerError) -> OperationResult:
+        return cls(operation_id, OperationStatus.FAILED, problem=error.to_problem())
+
+    @property
+    def settled(self) -> bool:
+        return self.status is not OperationStatus.PENDING
+
+    def outcome_json(self) -> dict[str, Any] | None:
+        """The stored outcome: exactly one of result/problem, or None while pending."""
+        if self.status is OperationStatus.SUCCEEDED:
+            return {"result": self.result}
+        if self.status is OperationStatus.FAILED:
+            return {"problem": self.problem}
+        return None
+
+
+def iso(ts: datetime | None) -> str | None:
+    return ts.isoformat() if ts is not None else None
+
+
+def account_json(account: Account) -> dict[str, Any]:
+    return {
+        "id": str(account.id),
+        "currency": account.currency,
+        "kind": str(account.kind),
+        "status": str(account.status),
+        "balance": {
+            "posted": account.balance,
+            # Holds are not built yet: nothing is pending, so everything posted is available.
+            "pending": 0,
+            "available": account.balance,
+        },
+        "overdraft_limit": account.overdraft.limit,
+        "debits_must_not_exceed_credits": account.overdraft.debits_must_not_exceed_credits,
+        "version": account.version,
+        "metadata": account.metadata,
+        "created_at": iso(account.created_at),
+    }
+
+
+def transaction_json(tx: Transaction) -> dict[str, Any]:
+    return {
+        "id": str(tx.id),
+        "kind": str(tx.kind),
+        "created_at": iso(tx.created_at),
+        "metadata": dict(tx.metadata),
+        "entries": [
+            {
+                "account_id": str(e.account_id),
+                "amount": e.amount,
+                "currency": e.currency,
+                "sequence": e.sequence,
+                "balance_after": e.balance_after,
+            }
+            for e in tx.entries
+        ],
+    }

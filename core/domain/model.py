@@ -1,0 +1,205 @@
+"""Accounts, entries and transactions: the ledger's entities and their invariants."""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from core.domain.errors import (
+    AccountClosed,
+    AccountFrozen,
+    AccountNotEmpty,
+    BalanceLimitExceeded,
+    InsufficientFunds,
+    LedgerError,
+    MetadataInvalid,
+    RequestInvalid,
+)
+from core.domain.money import MAX_BALANCE, validate_currency
+
+# Serialized size cap of a transaction's or account's metadata, in bytes of compact UTF-8 JSON.
+MAX_METADATA_BYTES = 4096
+# Most keys one metadata object may hold.
+MAX_METADATA_KEYS = 50
+TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class AccountKind(enum.StrEnum):
+    CUSTOMER = "customer"
+    SYSTEM = "system"
+
+
+class AccountStatus(enum.StrEnum):
+    OPEN = "open"
+    FROZEN = "frozen"
+    CLOSED = "closed"
+
+
+class TransactionKind(enum.StrEnum):
+    CREDIT = "credit"
+    DEBIT = "debit"
+    TRANSFER = "transfer"
+
+
+def validate_tenant_id(tenant_id: object) -> str:
+    if not isinstance(tenant_id, str) or not TENANT_ID_PATTERN.fullmatch(tenant_id):
+        raise RequestInvalid("tenant id must be 1-63 characters of a-z, 0-9, '_' or '-'")
+    return tenant_id
+
+
+def validate_metadata(metadata: object) -> dict[str, Any]:
+    """A small JSON object: string keys, at most MAX_METADATA_KEYS of them and MAX_METADATA_BYTES in all."""
+    if not isinstance(metadata, dict):
+        raise MetadataInvalid("metadata must be a JSON object")
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise MetadataInvalid(f"metadata may hold at most {MAX_METADATA_KEYS} keys")
+    try:
+        encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise MetadataInvalid(f"metadata must be plain JSON: {exc}") from None
+    if len(encoded.encode()) > MAX_METADATA_BYTES:
+        raise MetadataInvalid(f"metadata must not exceed {MAX_METADATA_BYTES} bytes as JSON")
+    return metadata
+
+
+@dataclass(frozen=True, slots=True)
+class OverdraftPolicy:
+    """How far below zero a customer account may go.
+
+    `limit` None means unrestricted (system accounts); 0 means debits must not exceed credits.
+    """
+
+    limit: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and (type(self.limit) is not int or not 0 <= self.limit <= MAX_BALANCE):
+            raise RequestInvalid(f"overdraft limit must be an integer between 0 and {MAX_BALANCE}")
+
+    @property
+    def debits_must_not_exceed_credits(self) -> bool:
+        return self.limit == 0
+
+    def floor(self) -> int:
+        """The lowest balance allowed, in minor units."""
+        return -MAX_BALANCE if self.limit is None else -self.limit
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One immutable line of the ledger: a signed amount (credit > 0, debit < 0) against one account.
+
+    `sequence` numbers an account's entries 1, 2, 3...; `balance_after` is the account's posted balance
+    once this entry applied, so the chain can be re-verified from the entries alone.
+    """
+
+    account_id: UUID
+    amount: int
+    currency: str
+    sequence: int
+    balance_after: int
+
+
+@dataclass(slots=True)
+class Account:
+    """An account. The balance is the sum of its entries (credits minus debits), in minor units."""
+
+    id: UUID
+    tenant_id: str
+    currency: str
+    kind: AccountKind
+    overdraft: OverdraftPolicy
+    status: AccountStatus = AccountStatus.OPEN
+    balance: int = 0
+    version: int = 0  # number of entries posted so far; the next entry's sequence is version + 1
+    metadata: dict[str, Any] = field(default_factory=dict)
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        validate_currency(self.currency)
+        validate_tenant_id(self.tenant_id)
+
+    def ensure_postable(self) -> None:
+        if self.status is AccountStatus.FROZEN:
+            raise AccountFrozen(f"account {self.id} is frozen", account_id=str(self.id))
+        if self.status is AccountStatus.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed", account_id=str(self.id))
+
+    def post(self, amount: int) -> Entry:
+        """Apply a signed amount, enforcing status and limits; returns the entry that records it."""
+        self.ensure_postable()
+        new_balance = self.balance + amount
+        if new_balance < self.overdraft.floor():
+            if self.overdraft.limit is not None:
+                raise InsufficientFunds(
+                    f"account {self.id} cannot go below {self.overdraft.floor()}",
+                    account_id=str(self.id),
+                    balance=self.balance,
+                    requested=-amount,
+                )
+            raise BalanceLimitExceeded(account_id=str(self.id))
+        if new_balance > MAX_BALANCE:
+            raise BalanceLimitExceeded(account_id=str(self.id))
+        self.balance = new_balance
+        self.version += 1
+        return Entry(self.id, amount, self.currency, self.version, new_balance)
+
+    def change_status(self, status: AccountStatus) -> None:
+        if self.status is AccountStatus.CLOSED:
+            raise AccountClosed(f"account {self.id} is closed", account_id=str(self.id))
+        if status is AccountStatus.CLOSED and self.balance != 0:
+            raise AccountNotEmpty(f"account {self.id} holds {self.balance}", account_id=str(self.id))
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """A balanced set of entries posted atomically."""
+
+    id: UUID
+    tenant_id: str
+    kind: TransactionKind
+    entries: tuple[Entry, ...]
+    metadata: Mapping[str, Any]
+    created_at: datetime
+
+    def __post_init__(self) -> None:
+        if len(self.entries) < 2:
+            raise LedgerError("a transaction needs at least two entries")
+        totals: dict[str, int] = defaultdict(int)
+        for entry in self.entries:
+            if entry.amount == 0:
+                raise LedgerError("an entry must move a non-zero amount")
+            totals[entry.currency] += entry.amount
+        if any(totals.values()):
+            raise LedgerError(f"unbalanced transaction: {dict(totals)}")
+
+
+def post_legs(
+    *,
+    transaction_id: UUID,
+    tenant_id: str,
+    kind: TransactionKind,
+    legs: Sequence[tuple[Account, int]],
+    metadata: Mapping[str, Any],
+    created_at: datetime,
+) -> Transaction:
+    """Post signed legs against accounts already locked by the caller; all or nothing.
+
+    Legs are applied debits first so the rejection a caller sees names the account short of funds. If one
+    leg fails, the accounts' in-memory state is restored before the error propagates.
+    """
+    snapshot = [(account, account.balance, account.version) for account, _ in legs]
+    try:
+        entries = tuple(account.post(amount) for account, amount in sorted(legs, key=lambda leg: leg[1]))
+        return Transaction(transaction_id, tenant_id, kind, entries, metadata, created_at)
+    except LedgerError:
+        for account, balance, version in snapshot:
+            account.balance, account.version = balance, version
+        raise

@@ -1,0 +1,50 @@
+# Shared by ops/ scripts: project root, the virtualenv, and starting this machine's services.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+
+ensure_venv() {
+    # Installs the project and its dev tools into .venv; re-installs only when pyproject.toml changed.
+    if [ ! -x "$PY" ]; then
+        python3 -m venv "$VENV"
+    fi
+    local stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    if [ ! -f "$stamp" ]; then
+        "$PY" -m pip install --quiet --upgrade pip
+        "$PY" -m pip install --quiet -e "$ROOT[dev]"
+        rm -f "$VENV"/.installed-*
+        touch "$stamp"
+    fi
+}
+
+port_answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+    local port=$1 name=$2
+    for _ in $(seq 1 120); do
+        port_answers "$port" && return 0
+        sleep 0.5
+    done
+    echo "$name did not come up on 127.0.0.1:$port" >&2
+    return 1
+}
+
+ensure_services() {
+    if ! port_answers 5432; then
+        echo "starting PostgreSQL"
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
+        wait_for_port 5432 PostgreSQL
+    fi
+    if ! port_answers 6379; then
+        echo "starting Redis"
+        mkdir -p /var/lib/redis /var/log/redis
+        redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
+            --dir /var/lib/redis --logfile /var/log/redis/ci.log
+        wait_for_port 6379 Redis
+    fi
+    if ! port_answers 5672; then
+        echo "starting RabbitMQ"
+        rabbitmq-server -detached
+        wait_for_port 5672 RabbitMQ
+    fi
+}

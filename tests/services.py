@@ -1,0 +1,35 @@
+"""Where the tests find their real services: environment variables first, then a testcontainers container
+when a Docker engine answers, else this machine's local services."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def postgres_admin_url() -> Iterator[str]:
+    """A URL to a PostgreSQL server's maintenance database, where tests may create databases."""
+    url = os.environ.get("CLEANLEDGER_TEST_POSTGRES_URL")
+    if url:
+        yield url
+    elif os.environ.get("CLEANLEDGER_TEST_USE_CONTAINERS") == "1" and docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:15", driver=None) as pg:
+            yield pg.get_connection_url()
+    else:
+        yield LOCAL_POSTGRES
