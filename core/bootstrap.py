@@ -30,9 +30,7 @@ class LedgerService:
     def unit_of_work(self) -> PostgresUnitOfWork:
         return PostgresUnitOfWork(self.pool)
 
-    def execute(
-        self, command: Command, *, idempotency_key: str, operation_id: UUID | None = None
-    ) -> OperationResult:
+    def execute(self, command: Command, *, idempotency_key: str, operation_id: UUID | None = None) -> OperationResult:
         """Run a command exactly once for its (tenant, key), retrying serialization conflicts."""
         return handlers.run(
             command,

@@ -20,9 +20,7 @@ def key() -> str:
 def open_account(
     ledger: LedgerService, tenant: str, currency: str = "USD", *, overdraft: int = 0, **extra: Any
 ) -> UUID:
-    result = ledger.execute(
-        CreateAccount(tenant, currency, OverdraftPolicy(overdraft), **extra), idempotency_key=key()
-    )
+    result = ledger.execute(CreateAccount(tenant, currency, OverdraftPolicy(overdraft), **extra), idempotency_key=key())
     assert result.status is OperationStatus.SUCCEEDED, result.problem
     assert result.result is not None
     return UUID(result.result["account"]["id"])

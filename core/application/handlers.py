@@ -56,9 +56,7 @@ def execute(
     fingerprint = command.fingerprint()
     op_id = operation_id or new_id()
     with uow:
-        existing = uow.idempotency.claim(
-            command, key=idempotency_key, fingerprint=fingerprint, operation_id=op_id
-        )
+        existing = uow.idempotency.claim(command, key=idempotency_key, fingerprint=fingerprint, operation_id=op_id)
         if existing is not None:
             if existing.fingerprint != fingerprint:
                 raise IdempotencyKeyReused(
@@ -94,9 +92,7 @@ def run(
     op_id = operation_id or new_id()  # fixed across attempts so the operation keeps one id
     policy = retry or RetryPolicy()
     return policy.run(
-        lambda: execute(
-            command, uow=uow_factory(), idempotency_key=idempotency_key, operation_id=op_id, clock=clock
-        ),
+        lambda: execute(command, uow=uow_factory(), idempotency_key=idempotency_key, operation_id=op_id, clock=clock),
         what=command.type,
     )
 
@@ -172,8 +168,9 @@ def _post(command: PostingCommand, uow: UnitOfWork, operation_id: UUID, now: dat
     kind, legs = _legs(command, tenant)
     ids = [account_id for account_id, _ in legs]
     accounts = uow.accounts.lock(tenant, ids)
-    external = external_account_id(tenant, command.amount.currency)
-    if external in ids and external not in accounts:
+    # Only credits and debits may touch a system account, and only the external one they name.
+    external = None if isinstance(command, Transfer) else external_account_id(tenant, command.amount.currency)
+    if external is not None and external not in accounts:
         uow.accounts.ensure_external(tenant, command.amount.currency)  # first posting in this currency
         accounts |= uow.accounts.lock(tenant, [external])
     for account_id in ids:
@@ -200,7 +197,5 @@ def _post(command: PostingCommand, uow: UnitOfWork, operation_id: UUID, now: dat
         "transaction": body,
         "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
     }
-    uow.outbox.stage(
-        Event("transaction.posted", tenant, {"operation_id": str(operation_id), "transaction": body}, now)
-    )
+    uow.outbox.stage(Event("transaction.posted", tenant, {"operation_id": str(operation_id), "transaction": body}, now))
     return result

@@ -61,9 +61,7 @@ class Ledger(abc.ABC):
 
 class IdempotencyStore(abc.ABC):
     @abc.abstractmethod
-    def claim(
-        self, command: Command, *, key: str, fingerprint: str, operation_id: UUID
-    ) -> ExistingKey | None:
+    def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
         """Claim (tenant, key) for this operation. None: claimed now. Otherwise the key's existing record,
         locked until the end of the unit of work."""
 

@@ -13,8 +13,7 @@ def connect_kwargs(settings: Settings) -> dict[str, object]:
     return {
         "autocommit": False,
         "options": (
-            f"-c statement_timeout={settings.db_statement_timeout_ms}"
-            f" -c lock_timeout={settings.db_lock_timeout_ms}"
+            f"-c statement_timeout={settings.db_statement_timeout_ms} -c lock_timeout={settings.db_lock_timeout_ms}"
         ),
         "application_name": "cleanledger",
     }

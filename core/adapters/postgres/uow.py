@@ -59,9 +59,7 @@ def account_from_row(row: Sequence[Any]) -> Account:
 
 def operation_from_row(operation_id: UUID, status: str, response: dict[str, Any] | None) -> OperationResult:
     response = response or {}
-    return OperationResult(
-        operation_id, OperationStatus(status), response.get("result"), response.get("problem")
-    )
+    return OperationResult(operation_id, OperationStatus(status), response.get("result"), response.get("problem"))
 
 
 def raise_if_retryable(exc: psycopg.Error) -> None:
@@ -95,8 +93,7 @@ class PostgresAccounts(AccountRepository):
         # ORDER BY id: every transaction takes its locks in the same global order, so A->B and B->A
         # transfers queue behind each other instead of deadlocking.
         rows = self.conn.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) AND tenant_id = %s"
-            " ORDER BY id FOR UPDATE",
+            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) AND tenant_id = %s ORDER BY id FOR UPDATE",
             (list(ids), tenant_id),
         ).fetchall()
         return {row[0]: account_from_row(row) for row in rows}
@@ -158,9 +155,7 @@ class PostgresIdempotency(IdempotencyStore):
     def __init__(self, conn: Connection[TupleRow]) -> None:
         self.conn = conn
 
-    def claim(
-        self, command: Command, *, key: str, fingerprint: str, operation_id: UUID
-    ) -> ExistingKey | None:
+    def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
         cur = self.conn.cursor()
         # One statement: the operation row is inserted only when the key was claimed, because the CTE feeds
         # it. A concurrent claim of the same key makes this wait, then fail with 40001 (retried) once the
@@ -209,8 +204,7 @@ class PostgresOutbox(Outbox):
 
     def stage(self, event: Event) -> None:
         self.conn.execute(
-            "INSERT INTO outbox (event_id, event_type, tenant_id, payload, occurred_at)"
-            " VALUES (%s, %s, %s, %s, %s)",
+            "INSERT INTO outbox (event_id, event_type, tenant_id, payload, occurred_at) VALUES (%s, %s, %s, %s, %s)",
             (event.id, event.type, event.tenant_id, Jsonb(event.payload), event.occurred_at),
         )
 

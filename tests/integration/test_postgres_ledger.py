@@ -1,0 +1,254 @@
+"""The ledger's use cases against the real PostgreSQL: postings, rules, idempotency, reads, verify."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from datetime import timedelta
+
+import psycopg
+import pytest
+
+from core.adapters.postgres.migrate import migrate
+from core.adapters.postgres.verify import verify
+from core.application.commands import ChangeAccountStatus, CreateAccount, Credit, Debit, Transfer
+from core.application.views import OperationResult, OperationStatus
+from core.bootstrap import LedgerService
+from core.cli import main as cli_main
+from core.domain.errors import IdempotencyKeyReused, RequestInvalid
+from core.domain.ids import external_account_id
+from core.domain.model import AccountStatus, OverdraftPolicy
+from core.domain.money import Money
+from core.settings import Settings
+from tests.helpers import balance, credit, debit, key, open_account, transfer
+
+
+def test_credit_debit_transfer_post_balanced_entries(ledger: LedgerService, tenant: str) -> None:
+    a, b = open_account(ledger, tenant), open_account(ledger, tenant)
+    assert credit(ledger, tenant, a, 10_000).status is OperationStatus.SUCCEEDED
+    assert debit(ledger, tenant, a, 2_500).status is OperationStatus.SUCCEEDED
+    posted = transfer(ledger, tenant, a, b, 4_000)
+    assert posted.status is OperationStatus.SUCCEEDED
+    assert posted.result is not None
+    entries = posted.result["transaction"]["entries"]
+    assert sorted(e["amount"] for e in entries) == [-4_000, 4_000]
+    assert {e["account_id"]: e["balance_after"] for e in entries} == {str(a): 3_500, str(b): 4_000}
+    assert (balance(ledger, tenant, a), balance(ledger, tenant, b)) == (3_500, 4_000)
+    # Credits and debits post against the tenant's USD external account: it holds the mirror image.
+    assert balance(ledger, tenant, external_account_id(tenant, "USD")) == -7_500
+
+
+def test_insufficient_funds_is_a_stored_final_rejection(ledger: LedgerService, tenant: str) -> None:
+    a, b = open_account(ledger, tenant), open_account(ledger, tenant)
+    credit(ledger, tenant, a, 100)
+    k = key()
+    cmd = Transfer(tenant, a, b, Money.for_posting(101, "USD"))
+    first = ledger.execute(cmd, idempotency_key=k)
+    assert first.status is OperationStatus.FAILED
+    assert first.problem is not None and first.problem["code"] == "insufficient-funds"
+    credit(ledger, tenant, a, 1_000)  # funds arrive later: the same key still answers the same rejection
+    again = ledger.execute(cmd, idempotency_key=k)
+    assert (again.status, again.operation_id, again.replayed) == (OperationStatus.FAILED, first.operation_id, True)
+    assert balance(ledger, tenant, b) == 0
+
+
+def test_overdraft_limit_is_enforced(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant, overdraft=300)
+    assert debit(ledger, tenant, a, 300).status is OperationStatus.SUCCEEDED
+    rejected = debit(ledger, tenant, a, 1)
+    assert rejected.problem is not None and rejected.problem["code"] == "insufficient-funds"
+    assert balance(ledger, tenant, a) == -300
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda t, a, b, c: Transfer(t, a, c, Money.for_posting(1, "USD")), "currency-mismatch"),
+        (lambda t, a, b, c: Credit(t, a, Money.for_posting(1, "EUR")), "currency-mismatch"),
+        (lambda t, a, b, c: Transfer(t, a, uuid.uuid4(), Money.for_posting(1, "USD")), "account-not-found"),
+        (lambda t, a, b, c: Debit(t, uuid.uuid4(), Money.for_posting(1, "USD")), "account-not-found"),
+        (
+            lambda t, a, b, c: Transfer(t, a, external_account_id(t, "USD"), Money.for_posting(1, "USD")),
+            "account-not-found",
+        ),
+    ],
+)
+def test_business_rules_reject_with_stable_codes(ledger: LedgerService, tenant: str, make: object, code: str) -> None:
+    a, b = open_account(ledger, tenant), open_account(ledger, tenant)
+    c = open_account(ledger, tenant, "EUR")
+    credit(ledger, tenant, a, 1_000)
+    result = ledger.execute(make(tenant, a, b, c), idempotency_key=key())  # type: ignore[operator]
+    assert result.status is OperationStatus.FAILED
+    assert result.problem is not None and result.problem["code"] == code
+
+
+def test_tenants_cannot_touch_each_others_accounts(ledger: LedgerService, tenant: str) -> None:
+    mine = open_account(ledger, tenant)
+    theirs_tenant = f"{tenant}-other"
+    theirs = open_account(ledger, theirs_tenant)
+    credit(ledger, theirs_tenant, theirs, 500)
+    stolen = transfer(ledger, tenant, theirs, mine, 100)
+    assert stolen.problem is not None and stolen.problem["code"] == "account-not-found"
+    assert ledger.queries.account(tenant, theirs) is None
+    assert balance(ledger, theirs_tenant, theirs) == 500
+
+
+def test_frozen_account_refuses_postings_until_unfrozen(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    frozen = ledger.execute(ChangeAccountStatus(tenant, a, AccountStatus.FROZEN), idempotency_key=key())
+    assert frozen.status is OperationStatus.SUCCEEDED
+    refused = credit(ledger, tenant, a, 1)
+    assert refused.problem is not None and refused.problem["code"] == "account-frozen"
+    ledger.execute(ChangeAccountStatus(tenant, a, AccountStatus.OPEN), idempotency_key=key())
+    assert credit(ledger, tenant, a, 1).status is OperationStatus.SUCCEEDED
+
+
+def test_same_key_same_request_replays_without_a_second_posting(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    k, cmd = key(), Credit(tenant, a, Money.for_posting(700, "USD"))
+    first = ledger.execute(cmd, idempotency_key=k)
+    second = ledger.execute(cmd, idempotency_key=k)
+    assert second.replayed and not first.replayed
+    assert (second.operation_id, second.result) == (first.operation_id, first.result)
+    assert balance(ledger, tenant, a) == 700
+
+
+def test_same_key_different_request_is_refused(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    k = key()
+    ledger.execute(Credit(tenant, a, Money.for_posting(700, "USD")), idempotency_key=k)
+    with pytest.raises(IdempotencyKeyReused):
+        ledger.execute(Credit(tenant, a, Money.for_posting(701, "USD")), idempotency_key=k)
+    assert balance(ledger, tenant, a) == 700
+
+
+def test_same_key_fired_concurrently_posts_once(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    for _ in range(5):
+        k, cmd = key(), Credit(tenant, a, Money.for_posting(10, "USD"))
+        barrier = threading.Barrier(8)
+        results: list[OperationResult] = []
+
+        def fire(
+            barrier: threading.Barrier = barrier,
+            cmd: Credit = cmd,
+            k: str = k,
+            results: list[OperationResult] = results,
+        ) -> None:
+            barrier.wait()
+            results.append(ledger.execute(cmd, idempotency_key=k))
+
+        threads = [threading.Thread(target=fire) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({r.operation_id for r in results}) == 1
+        assert sum(not r.replayed for r in results) == 1
+    assert balance(ledger, tenant, a) == 50
+
+
+def test_client_chosen_account_id_is_unique(ledger: LedgerService, tenant: str) -> None:
+    chosen = uuid.uuid4()
+    created = ledger.execute(CreateAccount(tenant, "USD", account_id=chosen), idempotency_key=key())
+    assert created.result is not None and created.result["account"]["id"] == str(chosen)
+    dup = ledger.execute(CreateAccount(tenant, "USD", account_id=chosen), idempotency_key=key())
+    assert dup.problem is not None and dup.problem["code"] == "account-exists"
+
+
+def test_entries_page_newest_first_with_cursor_and_time_range(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    for amount in range(1, 26):
+        credit(ledger, tenant, a, amount)
+    seen, cursor = [], None
+    while True:
+        page = ledger.queries.entries(tenant, a, limit=7, cursor=cursor)
+        seen.extend(e.amount for e in page.entries)
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == list(range(25, 0, -1))
+    oldest = ledger.queries.entries(tenant, a, limit=3, newest_first=False)
+    assert [e.amount for e in oldest.entries] == [1, 2, 3]
+    assert [e.balance_after for e in oldest.entries] == [1, 3, 6]
+    everything = ledger.queries.entries(tenant, a, limit=1000).entries
+    cut = everything[10].created_at  # entries 15 and older
+    older = ledger.queries.entries(tenant, a, limit=1000, until=cut).entries
+    newer = ledger.queries.entries(tenant, a, limit=1000, since=cut).entries
+    assert len(older) + len(newer) == 25 and all(e.created_at < cut for e in older)
+    empty = ledger.queries.entries(tenant, a, limit=10, since=cut + timedelta(days=1))
+    assert empty.entries == [] and empty.next_cursor is None
+
+
+def test_entries_reject_bad_limits_and_cursors(ledger: LedgerService, tenant: str) -> None:
+    a = open_account(ledger, tenant)
+    with pytest.raises(RequestInvalid):
+        ledger.queries.entries(tenant, a, limit=1001)
+    with pytest.raises(RequestInvalid):
+        ledger.queries.entries(tenant, a, limit=10, cursor="garbage!")
+
+
+def test_entries_use_the_index_not_a_scan(ledger: LedgerService, tenant: str, db: psycopg.Connection) -> None:
+    a = open_account(ledger, tenant)
+    db.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r[0]
+        for r in db.execute(
+            "EXPLAIN SELECT * FROM entries WHERE account_id = %s AND (created_at, sequence) < (now(), 10)"
+            " ORDER BY created_at DESC, sequence DESC LIMIT 50",
+            (a,),
+        ).fetchall()
+    )
+    assert "entries_account_time_idx" in plan
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE entries SET amount = amount + 1",
+        "DELETE FROM entries",
+        "UPDATE transactions SET kind = 'credit'",
+        "DELETE FROM transactions",
+        "TRUNCATE entries CASCADE",
+    ],
+)
+def test_ledger_history_is_append_only(
+    ledger: LedgerService, tenant: str, db: psycopg.Connection, statement: str
+) -> None:
+    a = open_account(ledger, tenant)
+    credit(ledger, tenant, a, 5)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+        db.execute(statement)
+
+
+def test_migrations_run_twice_are_a_no_op(settings: Settings, db: psycopg.Connection) -> None:
+    before = db.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version").fetchall()
+    assert migrate(settings) == []
+    after = db.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version").fetchall()
+    assert before == after and len(before) >= 1
+
+
+def test_verify_passes_then_catches_a_tampered_balance(
+    ledger: LedgerService, tenant: str, settings: Settings, db: psycopg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = open_account(ledger, tenant)
+    credit(ledger, tenant, a, 900)
+    assert verify(psycopg.connect(settings.database_url)) == []
+    assert cli_main(["--database-url", settings.database_url, "verify"]) == 0
+    db.execute("UPDATE accounts SET posted_balance = posted_balance + 1 WHERE id = %s", (a,))
+    try:
+        violations = verify(psycopg.connect(settings.database_url))
+        assert any(str(a) in str(v) for v in violations)
+        assert cli_main(["--database-url", settings.database_url, "verify"]) == 1
+        assert "VIOLATION" in capsys.readouterr().out
+    finally:
+        db.execute("UPDATE accounts SET posted_balance = posted_balance - 1 WHERE id = %s", (a,))
+    assert verify(psycopg.connect(settings.database_url)) == []
+
+
+def test_create_account_defaults_to_no_overdraft(ledger: LedgerService, tenant: str) -> None:
+    result = ledger.execute(CreateAccount(tenant, "BHD", OverdraftPolicy()), idempotency_key=key())
+    assert result.result is not None
+    body = result.result["account"]
+    assert body["debits_must_not_exceed_credits"] is True and body["currency"] == "BHD"
+    assert body["balance"] == {"posted": 0, "pending": 0, "available": 0}

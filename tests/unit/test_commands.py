@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from core.application.commands import (
+    CreateAccount,
+    Credit,
+    Transfer,
+    command_from_json,
+    validate_idempotency_key,
+)
+from core.domain.errors import (
+    IdempotencyKeyInvalid,
+    LedgerError,
+    MetadataInvalid,
+    SameAccount,
+)
+from core.domain.model import OverdraftPolicy
+from core.domain.money import MAX_POSTING_AMOUNT, Money
+
+uuids = st.uuids()
+metadata = st.dictionaries(
+    st.text(max_size=10), st.one_of(st.integers(), st.text(max_size=20), st.booleans()), max_size=5
+)
+
+
+@given(uuids, uuids, st.integers(1, MAX_POSTING_AMOUNT), metadata)
+def test_transfer_round_trips_through_json_with_a_stable_fingerprint(
+    src: uuid.UUID, dst: uuid.UUID, amount: int, meta: dict[str, object]
+) -> None:
+    if src == dst:
+        return
+    cmd = Transfer("acme", src, dst, Money.for_posting(amount, "EUR"), dict(meta))
+    again = command_from_json(cmd.to_json())
+    assert again == cmd
+    assert again.fingerprint() == cmd.fingerprint()
+
+
+def test_fingerprint_changes_with_any_field() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    base = Credit("acme", a, Money.for_posting(100, "USD"))
+    variants = [
+        Credit("acme", b, Money.for_posting(100, "USD")),
+        Credit("acme", a, Money.for_posting(101, "USD")),
+        Credit("acme", a, Money.for_posting(100, "EUR")),
+        Credit("other", a, Money.for_posting(100, "USD")),
+        Credit("acme", a, Money.for_posting(100, "USD"), {"k": "v"}),
+    ]
+    assert len({v.fingerprint() for v in variants} | {base.fingerprint()}) == len(variants) + 1
+
+
+def test_create_account_round_trip_keeps_the_overdraft_limit() -> None:
+    cmd = CreateAccount("acme", "JPY", OverdraftPolicy(5000), {"name": "ops"})
+    assert command_from_json(cmd.to_json()) == cmd
+
+
+def test_same_account_transfer_is_rejected() -> None:
+    a = uuid.uuid4()
+    with pytest.raises(SameAccount):
+        Transfer("acme", a, a, Money.for_posting(1, "USD"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "nope", "tenant_id": "acme"},
+        {"type": "credit", "tenant_id": "acme", "account_id": "not-a-uuid", "amount": 1, "currency": "USD"},
+        {"type": "credit", "tenant_id": "acme", "account_id": str(uuid.uuid4()), "amount": 1.5, "currency": "USD"},
+        {"type": "credit", "tenant_id": "acme", "account_id": str(uuid.uuid4()), "currency": "USD"},
+        {
+            "type": "credit",
+            "tenant_id": "acme",
+            "account_id": str(uuid.uuid4()),
+            "amount": 1,
+            "currency": "USD",
+            "x": 1,
+        },
+    ],
+)
+def test_malformed_wire_commands_raise_catalogued_errors(body: dict[str, object]) -> None:
+    with pytest.raises(LedgerError) as info:
+        command_from_json(body)
+    assert info.value.status in (400, 422)
+
+
+def test_metadata_is_capped() -> None:
+    with pytest.raises(MetadataInvalid):
+        Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {"blob": "x" * 5000})
+    with pytest.raises(MetadataInvalid):
+        Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {str(i): i for i in range(51)})
+    with pytest.raises(MetadataInvalid):
+        Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {"f": float("nan")})
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 256, "caf\u00e9", None])
+def test_idempotency_key_shape(bad: object) -> None:
+    with pytest.raises(IdempotencyKeyInvalid):
+        validate_idempotency_key(bad)
+    assert validate_idempotency_key("order-42:attempt-1") == "order-42:attempt-1"
