@@ -15,6 +15,7 @@ from core.application import handlers
 from core.application.commands import Command
 from core.application.retry import RetryPolicy
 from core.application.views import OperationResult
+from core.domain.errors import LedgerError
 from core.settings import Settings
 
 
@@ -38,6 +39,37 @@ class LedgerService:
             idempotency_key=idempotency_key,
             operation_id=operation_id,
             retry=self.retry,
+        )
+
+    def accept(self, command: Command, *, idempotency_key: str, operation_id: UUID) -> OperationResult:
+        """Record a command as a pending operation (ingress phase); the key's operation if already known."""
+        return self.retry.run(
+            lambda: handlers.accept(
+                command, uow=self.unit_of_work(), idempotency_key=idempotency_key, operation_id=operation_id
+            ),
+            what="accept",
+        )
+
+    def abandon(self, tenant_id: str, *, idempotency_key: str, operation_id: UUID) -> None:
+        self.retry.run(
+            lambda: handlers.abandon(
+                tenant_id, uow=self.unit_of_work(), idempotency_key=idempotency_key, operation_id=operation_id
+            ),
+            what="abandon",
+        )
+
+    def give_up(
+        self, command: Command, *, idempotency_key: str, operation_id: UUID, error: LedgerError
+    ) -> OperationResult:
+        return self.retry.run(
+            lambda: handlers.give_up(
+                command,
+                uow=self.unit_of_work(),
+                idempotency_key=idempotency_key,
+                operation_id=operation_id,
+                error=error,
+            ),
+            what="give-up",
         )
 
     def close(self) -> None:

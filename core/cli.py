@@ -1,11 +1,13 @@
-"""`cleanledger` command line: migrate, verify."""
+"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from uuid import UUID
 
-from core.adapters.postgres.db import connect
+from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
+from core.adapters.postgres.db import connect, open_pool
 from core.adapters.postgres.migrate import migrate
 from core.adapters.postgres.verify import verify
 from core.logs import configure_logging
@@ -30,6 +32,27 @@ def cmd_verify(settings: Settings, _: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def cmd_create_api_key(settings: Settings, args: argparse.Namespace) -> int:
+    pool = open_pool(settings, min_size=1, max_size=1)
+    try:
+        key, secret = create_api_key(pool, args.tenant, name=args.name)
+    finally:
+        pool.close()
+    print(f"api key {key.id} for tenant {key.tenant_id} (shown once, store it now):", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
+    pool = open_pool(settings, min_size=1, max_size=1)
+    try:
+        revoked = revoke_api_key(pool, UUID(args.key_id))
+    finally:
+        pool.close()
+    print("revoked" if revoked else "no such active key")
+    return 0 if revoked else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleanledger", description="Clean Ledger administration")
     parser.add_argument("--database-url", help="overrides CLEANLEDGER_DATABASE_URL")
@@ -38,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("verify", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
         func=cmd_verify
     )
+    create = sub.add_parser("create-api-key", help="create an API key for a tenant; prints the secret once")
+    create.add_argument("--tenant", required=True, help="tenant id: 1-63 of a-z 0-9 _ -")
+    create.add_argument("--name", default="", help="a label for the key")
+    create.set_defaults(func=cmd_create_api_key)
+    revoke = sub.add_parser("revoke-api-key", help="revoke an API key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_revoke_api_key)
     return parser
 
 

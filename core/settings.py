@@ -18,6 +18,24 @@ class Settings:
     db_pool_max: int = 16  # connections at most per process
     db_statement_timeout_ms: int = 5000  # a stuck statement fails instead of holding locks forever
     db_lock_timeout_ms: int = 3000  # waiting longer than this for a row lock counts as a conflict
+    # --- ingress -------------------------------------------------------------------------------------------
+    ingress_host: str = "127.0.0.1"
+    ingress_port: int = 8081
+    ingress_db_threads: int = 8  # blocking PostgreSQL/RabbitMQ calls run on this many threads per process
+    max_body_bytes: int = 64 * 1024  # larger request bodies get 413
+    prefer_wait_max_s: int = 30  # cap of `Prefer: wait=N`, seconds
+    rate_limit_burst: int = 200  # token-bucket capacity per API key, requests
+    rate_limit_per_second: float = 100.0  # token refill per API key, requests per second
+    api_key_cache_s: float = 30.0  # how long an ingress trusts a resolved API key (revocation delay), seconds
+    idempotency_cache_s: int = 24 * 3600  # Redis copy of key -> operation, seconds
+    result_cache_s: int = 3600  # Redis copy of a settled operation, seconds
+    broker_retry_after_s: int = 5  # Retry-After sent with 503 when RabbitMQ is unreachable, seconds
+    # --- workers -------------------------------------------------------------------------------------------
+    command_queue: str = "ledger.commands"
+    worker_max_retries: int = 8  # Dramatiq retries of a transiently failing command before dead-lettering
+    worker_min_backoff_ms: int = 200  # first retry delay, milliseconds (doubles, jittered)
+    worker_max_backoff_ms: int = 30_000  # retry delay cap, milliseconds
+    redeliver_after_s: int = 120  # a pending operation this old without a settlement is enqueued again
     log_level: str = "INFO"
     log_json: bool = True
 

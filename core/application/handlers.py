@@ -5,6 +5,7 @@ stage its events, commit. Business rejections are committed as the operation's f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from uuid import UUID
 
@@ -19,9 +20,9 @@ from core.application.commands import (
     PostingCommand,
     Transfer,
 )
-from core.application.ports import Event, UnitOfWork
+from core.application.ports import Event, ExistingKey, UnitOfWork
 from core.application.retry import RetryPolicy
-from core.application.views import OperationResult, account_json, transaction_json
+from core.application.views import OperationResult, OperationStatus, account_json, transaction_json
 from core.domain.errors import (
     AccountExists,
     AccountNotFound,
@@ -58,25 +59,75 @@ def execute(
     with uow:
         existing = uow.idempotency.claim(command, key=idempotency_key, fingerprint=fingerprint, operation_id=op_id)
         if existing is not None:
-            if existing.fingerprint != fingerprint:
-                raise IdempotencyKeyReused(
-                    f"Idempotency-Key {idempotency_key!r} was used for a different request",
-                    operation_id=str(existing.operation.operation_id),
-                )
-            if existing.operation.settled:
-                return OperationResult(
-                    existing.operation.operation_id,
-                    existing.operation.status,
-                    existing.operation.result,
-                    existing.operation.problem,
-                    replayed=True,
-                )
+            known = _known_operation(existing, fingerprint, idempotency_key)
+            if known.settled:
+                return known
             # Claimed but pending: the ingress recorded the key and queued us. Settle that operation.
-            op_id = existing.operation.operation_id
+            op_id = known.operation_id
         outcome = _settle(command, uow, op_id, clock())
         uow.idempotency.complete(command.tenant_id, idempotency_key, outcome)
         uow.commit()
     return outcome
+
+
+def accept(command: Command, *, uow: UnitOfWork, idempotency_key: str, operation_id: UUID) -> OperationResult:
+    """Ingress phase: record the command as a pending operation under its key, to be settled by a worker.
+
+    When the key is already known, answers its operation instead (pending or settled, `replayed=True`).
+    """
+    fingerprint = command.fingerprint()
+    with uow:
+        existing = uow.idempotency.claim(
+            command, key=idempotency_key, fingerprint=fingerprint, operation_id=operation_id
+        )
+        if existing is not None:
+            return _known_operation(existing, fingerprint, idempotency_key)
+        uow.commit()
+    return OperationResult(operation_id, OperationStatus.PENDING)
+
+
+def abandon(tenant_id: str, *, uow: UnitOfWork, idempotency_key: str, operation_id: UUID) -> None:
+    """Undo `accept` when the command could not be queued, so nothing stays half-accepted. A no-op once a
+    worker settled the operation (the broker took the command after all)."""
+    with uow:
+        uow.idempotency.release(tenant_id, idempotency_key, operation_id)
+        uow.commit()
+
+
+def give_up(
+    command: Command, *, uow: UnitOfWork, idempotency_key: str, operation_id: UUID, error: LedgerError
+) -> OperationResult:
+    """Settle an operation as failed with `error` after its retries ran out, unless it settled meanwhile."""
+    fingerprint = command.fingerprint()
+    with uow:
+        existing = uow.idempotency.claim(
+            command, key=idempotency_key, fingerprint=fingerprint, operation_id=operation_id
+        )
+        if existing is not None and (existing.operation.settled or existing.operation.operation_id != operation_id):
+            return existing.operation
+        outcome = OperationResult.failed(operation_id, error)
+        uow.outbox.stage(_rejected_event(command, operation_id, error, utc_now()))
+        uow.idempotency.complete(command.tenant_id, idempotency_key, outcome)
+        uow.commit()
+    return outcome
+
+
+def _rejected_event(command: Command, operation_id: UUID, error: LedgerError, now: datetime) -> Event:
+    return Event(
+        "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected",
+        command.tenant_id,
+        {"operation_id": str(operation_id), "command": command.to_json(), "problem": error.to_problem()},
+        now,
+    )
+
+
+def _known_operation(existing: ExistingKey, fingerprint: str, idempotency_key: str) -> OperationResult:
+    if existing.fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {idempotency_key!r} was used for a different request",
+            operation_id=str(existing.operation.operation_id),
+        )
+    return replace(existing.operation, replayed=True)
 
 
 def run(
@@ -111,14 +162,7 @@ def _settle(command: Command, uow: UnitOfWork, operation_id: UUID, now: datetime
         if not error.permanent:
             raise
         log.info("operation.rejected", operation_id=str(operation_id), code=error.code)
-        uow.outbox.stage(
-            Event(
-                "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected",
-                command.tenant_id,
-                {"operation_id": str(operation_id), "command": command.to_json(), "problem": error.to_problem()},
-                now,
-            )
-        )
+        uow.outbox.stage(_rejected_event(command, operation_id, error, now))
         return OperationResult.failed(operation_id, error)
     return OperationResult.succeeded(operation_id, result)
 

@@ -69,6 +69,10 @@ class IdempotencyStore(abc.ABC):
     def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:
         """Store the settled outcome against the key (and its operation)."""
 
+    @abc.abstractmethod
+    def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
+        """Forget a still-pending claim and its operation (the command never reached the queue)."""
+
 
 class Outbox(abc.ABC):
     @abc.abstractmethod

@@ -49,6 +49,21 @@ class OperationResult:
         return None
 
 
+def operation_path(operation_id: UUID | str) -> str:
+    return f"/v1/operations/{operation_id}"
+
+
+def operation_json(outcome: OperationResult) -> dict[str, Any]:
+    """The polling resource: GET /v1/operations/{id}, 202 bodies, replays and the Redis result cache."""
+    body: dict[str, Any] = {"id": str(outcome.operation_id), "object": "operation", "status": str(outcome.status)}
+    if outcome.result is not None:
+        body["result"] = outcome.result
+    if outcome.problem is not None:
+        body["problem"] = outcome.problem
+    body["links"] = {"self": operation_path(outcome.operation_id)}
+    return body
+
+
 def iso(ts: datetime | None) -> str | None:
     return ts.isoformat() if ts is not None else None
 

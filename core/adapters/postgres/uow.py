@@ -197,6 +197,14 @@ class PostgresIdempotency(IdempotencyStore):
             (str(outcome.status), Jsonb(outcome.outcome_json()), tenant_id, key),
         )
 
+    def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
+        self.conn.execute(
+            "WITH gone AS (DELETE FROM idempotency_keys WHERE tenant_id = %s AND key = %s AND operation_id = %s"
+            " AND status = 'pending' RETURNING operation_id)"
+            " DELETE FROM operations WHERE id IN (SELECT operation_id FROM gone)",
+            (tenant_id, key, operation_id),
+        )
+
 
 class PostgresOutbox(Outbox):
     def __init__(self, conn: Connection[TupleRow]) -> None:

@@ -1,0 +1,89 @@
+"""aiohttp app factory and entry point of one stateless ingress node (`python -m ingress.app --port N`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from core.adapters.rabbitmq.commands import CommandPublisher
+from core.adapters.redis.cache import OperationCache
+from core.adapters.redis.client import async_client
+from core.adapters.redis.rate_limit import TokenBucket
+from core.adapters.redis.waiter import SettlementWaiter
+from core.bootstrap import bootstrap
+from core.logs import configure_logging
+from core.settings import Settings
+from ingress.context import INGRESS, Ingress
+from ingress.middleware import API_KEY_CACHE, ApiKeyCache, authenticate, problems, request_context
+from ingress.routes import routes
+
+
+async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[INGRESS].executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    size = ingress.settings.ingress_db_threads
+    ingress.ledger = await ingress.blocking(bootstrap, ingress.settings, pool_size=size)
+    yield
+    await ingress.blocking(ingress.ledger.close)
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    settings = ingress.settings
+    client = async_client(settings.redis_url)
+    ingress.cache = OperationCache(client)
+    ingress.limiter = TokenBucket(
+        client, capacity=settings.rate_limit_burst, refill_per_second=settings.rate_limit_per_second
+    )
+    ingress.waiter = SettlementWaiter(client)
+    await ingress.waiter.start()
+    yield
+    await ingress.waiter.close()
+    await client.aclose()
+
+
+async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    ingress.publisher = CommandPublisher(ingress.settings.amqp_url, queue_name=ingress.settings.command_queue)
+    yield
+    await ingress.blocking(ingress.publisher.close)
+
+
+def init_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[request_context, problems, authenticate], client_max_size=settings.max_body_bytes
+    )
+    app[INGRESS] = Ingress(
+        settings, ThreadPoolExecutor(max_workers=settings.ingress_db_threads, thread_name_prefix="ingress-io")
+    )
+    app[API_KEY_CACHE] = ApiKeyCache(settings.api_key_cache_s)
+    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, redis_ctx, broker_ctx])
+    app.add_routes(routes)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ingress", description="Clean Ledger HTTP ingress node")
+    parser.add_argument("--host", help="overrides CLEANLEDGER_INGRESS_HOST")
+    parser.add_argument("--port", type=int, help="overrides CLEANLEDGER_INGRESS_PORT")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    web.run_app(
+        init_app(settings),
+        host=args.host or settings.ingress_host,
+        port=args.port or settings.ingress_port,
+        access_log=None,  # request_context logs every request as JSON with its request id
+        print=None,
+    )
+
+
+if __name__ == "__main__":
+    main()

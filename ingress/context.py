@@ -1,0 +1,42 @@
+"""What one ingress process holds: its adapters, opened by the app's cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from aiohttp import web
+
+from core.adapters.rabbitmq.commands import CommandPublisher
+from core.adapters.redis.cache import OperationCache
+from core.adapters.redis.rate_limit import TokenBucket
+from core.adapters.redis.waiter import SettlementWaiter
+from core.bootstrap import LedgerService
+from core.settings import Settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class Ingress:
+    """Adapters are set by the app's cleanup contexts (ingress/app.py) before the first request."""
+
+    settings: Settings
+    executor: ThreadPoolExecutor
+    ledger: LedgerService = field(init=False)
+    publisher: CommandPublisher = field(init=False)
+    cache: OperationCache = field(init=False)
+    limiter: TokenBucket = field(init=False)
+    waiter: SettlementWaiter = field(init=False)
+
+    async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
+        """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+
+INGRESS = web.AppKey("ingress", Ingress)

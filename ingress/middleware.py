@@ -1,0 +1,147 @@
+"""Middlewares: request ids and access logs, problem+json for every error, API-key auth and rate limits."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from core.adapters.postgres.api_keys import ApiKey, find_api_key
+from core.domain.errors import (
+    LedgerError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RequestInvalid,
+    Unauthorized,
+)
+from ingress.context import INGRESS
+
+log = structlog.get_logger("ingress")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+PROBLEM_JSON = "application/problem+json"
+TENANT = web.RequestKey("tenant", str)
+API_KEY = web.RequestKey("api_key", ApiKey)
+# Most API keys an ingress process remembers at once (least recently used are dropped first).
+API_KEY_CACHE_SIZE = 10_000
+
+
+def problem_response(error: LedgerError, *, instance: str | None = None) -> web.Response:
+    body: dict[str, Any] = error.to_problem()
+    if instance:
+        body["instance"] = instance
+    response = web.json_response(body, status=error.status, content_type=PROBLEM_JSON)
+    retry_after = error.extensions.get("retry_after")
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    return response
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: a request id for every log line of this request (and the response header), an access log."""
+    supplied = request.headers.get("X-Request-ID", "")
+    request_id = supplied if REQUEST_ID_PATTERN.fullmatch(supplied) else uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    response = await handler(request)
+    response.headers["X-Request-ID"] = request_id
+    log.info(
+        "http.request",
+        method=request.method,
+        path=request.path,
+        status=response.status,
+        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
+    return response
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes an RFC 9457 problem document; nothing leaks as a bare 500."""
+    try:
+        return await handler(request)
+    except LedgerError as error:
+        if error.status >= 500:
+            log.warning("http.problem", code=error.code, detail=error.detail)
+        return problem_response(error, instance=request.path)
+    except web.HTTPRequestEntityTooLarge:
+        return problem_response(PayloadTooLarge(), instance=request.path)
+    except web.HTTPNotFound:
+        return problem_response(NotFound(f"no resource at {request.path}"), instance=request.path)
+    except web.HTTPMethodNotAllowed as exc:
+        response = problem_response(MethodNotAllowed(f"{request.method} is not allowed here"), instance=request.path)
+        response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        mapped = RequestInvalid(exc.reason) if exc.status < 500 else LedgerError(exc.reason)
+        error_response = problem_response(mapped, instance=request.path)
+        error_response.set_status(exc.status)
+        return error_response
+    except Exception:
+        log.exception("http.unhandled")
+        return problem_response(LedgerError("an unexpected error occurred"), instance=request.path)
+
+
+class ApiKeyCache:
+    """secret hash -> (key, expiry): saves a PostgreSQL round trip per request. Revocation takes effect within
+    `ttl_s` seconds; unknown secrets are never cached, so a new key works at once."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+
+    def get(self, digest: str) -> ApiKey | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[1] < time.monotonic():
+            self._entries.pop(digest, None)
+            return None
+        self._entries.move_to_end(digest)
+        return entry[0]
+
+    def put(self, digest: str, key: ApiKey) -> None:
+        self._entries[digest] = (key, time.monotonic() + self.ttl_s)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > API_KEY_CACHE_SIZE:
+            self._entries.popitem(last=False)
+
+
+API_KEY_CACHE = web.AppKey("api_key_cache", ApiKeyCache)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """`/v1` needs `Authorization: Bearer <api key>`; each key then spends from its rate-limit bucket."""
+    if not request.path.startswith("/v1/") and request.path != "/v1":
+        return await handler(request)
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("send the API key as `Authorization: Bearer <key>`")
+    secret = secret.strip()
+    ingress = request.app[INGRESS]
+    cache = request.app[API_KEY_CACHE]
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+    key = cache.get(digest)
+    if key is None:
+        key = await ingress.blocking(find_api_key, ingress.ledger.pool, secret)
+        if key is None:
+            raise Unauthorized("the API key is unknown or revoked")
+        cache.put(digest, key)
+    request[TENANT] = key.tenant_id
+    request[API_KEY] = key
+    structlog.contextvars.bind_contextvars(tenant_id=key.tenant_id)
+    decision = await ingress.limiter.take(str(key.id))
+    if not decision.allowed:
+        raise RateLimited("rate limit exceeded for this API key", retry_after=decision.retry_after_s)
+    return await handler(request)

@@ -1,0 +1,246 @@
+"""The HTTP API, in one place. Writes are queued (202 + an operation to poll); reads go to PostgreSQL."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+
+from core.adapters.rabbitmq.commands import BrokerUnavailable
+from core.application.commands import Command, validate_idempotency_key
+from core.application.ports import EntryView
+from core.application.views import OperationResult, account_json, operation_json, operation_path
+from core.domain.errors import (
+    AccountNotFound,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    OperationNotFound,
+    RequestInvalid,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
+from core.domain.ids import new_id
+from ingress.context import INGRESS, Ingress
+from ingress.middleware import TENANT
+from ingress.schemas import (
+    Body,
+    CreateAccountBody,
+    CreditBody,
+    DebitBody,
+    TransferBody,
+    parse_body,
+    parse_query,
+)
+
+routes = web.RouteTableDef()
+PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+def path_uuid(request: web.Request, name: str) -> UUID:
+    try:
+        return UUID(request.match_info[name])
+    except ValueError:
+        raise RequestInvalid(f"{name.replace('_', ' ')} must be a UUID") from None
+
+
+def prefer_wait(request: web.Request, cap_s: int) -> int | None:
+    """Seconds asked for with `Prefer: wait=N` (RFC 7240), capped; None when not asked."""
+    match = PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    return min(int(match.group(1)), cap_s) if match else None
+
+
+async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
+    """The operation's document: Redis copy of a settled result first, PostgreSQL (the truth) otherwise."""
+    cached = await ingress.cache.get_result(str(operation_id))
+    if cached is not None and cached.get("tenant_id") == tenant_id and isinstance(cached.get("operation"), dict):
+        document: dict[str, Any] = cached["operation"]
+        return document
+    found = await ingress.blocking(ingress.ledger.queries.operation, tenant_id, operation_id)
+    return operation_json(found) if found is not None else None
+
+
+async def settle_wait(ingress: Ingress, tenant_id: str, document: dict[str, Any], wait_s: int) -> dict[str, Any]:
+    """Wait up to `wait_s` for a pending operation to settle, woken by the worker's Redis notification."""
+    if document["status"] != "pending" or wait_s <= 0:
+        return document
+    operation_id = UUID(document["id"])
+
+    async def check() -> dict[str, Any] | None:
+        latest = await current_operation(ingress, tenant_id, operation_id)
+        return latest if latest is not None and latest["status"] != "pending" else None
+
+    settled = await ingress.waiter.wait(str(operation_id), float(wait_s), check=check)
+    return settled or document
+
+
+def operation_response(
+    document: dict[str, Any], *, waited: int | None, replayed: bool = False, created: bool = False
+) -> web.Response:
+    """202 while pending; once settled 201 (succeeded in this very call) or 200."""
+    status = document["status"]
+    code = 202 if status == "pending" else 201 if created and status == "succeeded" else 200
+    response = web.json_response(document, status=code)
+    response.headers["Location"] = operation_path(document["id"])
+    if waited is not None:
+        response.headers["Preference-Applied"] = f"wait={waited}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def read_body(request: web.Request, model: type[Body]) -> Body:
+    if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
+        raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
+    return parse_body(model, await request.read())
+
+
+async def submit(request: web.Request, model: type[Body]) -> web.Response:
+    """Queue a command: validate, dedupe on the Idempotency-Key, publish with confirms, answer 202."""
+    ingress = request.app[INGRESS]
+    tenant_id = request[TENANT]
+    raw_key = request.headers.get("Idempotency-Key")
+    if raw_key is None:
+        raise IdempotencyKeyMissing()
+    key = validate_idempotency_key(raw_key)
+    command: Command = (await read_body(request, model)).to_command(tenant_id)
+    fingerprint = command.fingerprint()
+    wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
+
+    document = None
+    cached = await ingress.cache.lookup_key(tenant_id, key)
+    if cached is not None:
+        if cached.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                f"Idempotency-Key {key!r} was used for a different request", operation_id=cached.operation_id
+            )
+        document = await current_operation(ingress, tenant_id, UUID(cached.operation_id))
+    replayed = document is not None
+    if document is None:
+        outcome: OperationResult = await ingress.blocking(
+            ingress.ledger.accept, command, idempotency_key=key, operation_id=new_id()
+        )
+        replayed = outcome.replayed
+        if not replayed:
+            await publish_or_abandon(ingress, command, key, outcome.operation_id)
+        await ingress.cache.remember_key(
+            tenant_id,
+            key,
+            operation_id=str(outcome.operation_id),
+            fingerprint=fingerprint,
+            ttl_s=ingress.settings.idempotency_cache_s,
+        )
+        document = operation_json(outcome)
+    if wait_s is not None:
+        document = await settle_wait(ingress, tenant_id, document, wait_s)
+    return operation_response(document, waited=wait_s, replayed=replayed, created=not replayed)
+
+
+async def publish_or_abandon(ingress: Ingress, command: Command, key: str, operation_id: UUID) -> None:
+    try:
+        await ingress.blocking(
+            ingress.publisher.publish, operation_id=operation_id, idempotency_key=key, command=command
+        )
+    except BrokerUnavailable as exc:
+        # Not confirmed: forget the pending operation so the client's retry with the same key starts afresh.
+        await ingress.blocking(
+            ingress.ledger.abandon, command.tenant_id, idempotency_key=key, operation_id=operation_id
+        )
+        raise ServiceUnavailable(
+            "the command queue is unreachable; nothing was accepted, retry later with the same Idempotency-Key",
+            retry_after=ingress.settings.broker_retry_after_s,
+            reason=str(exc),
+        ) from None
+
+
+def entry_json(entry: EntryView) -> dict[str, Any]:
+    return {
+        "transaction_id": str(entry.transaction_id),
+        "transaction_kind": entry.transaction_kind,
+        "account_id": str(entry.account_id),
+        "amount": entry.amount,
+        "currency": entry.currency,
+        "sequence": entry.sequence,
+        "balance_after": entry.balance_after,
+        "created_at": entry.created_at.isoformat(),
+    }
+
+
+# --- routes ------------------------------------------------------------------------------------------------
+@routes.post("/v1/accounts")
+async def create_account(request: web.Request) -> web.Response:
+    return await submit(request, CreateAccountBody)
+
+
+@routes.post("/v1/credits")
+async def create_credit(request: web.Request) -> web.Response:
+    return await submit(request, CreditBody)
+
+
+@routes.post("/v1/debits")
+async def create_debit(request: web.Request) -> web.Response:
+    return await submit(request, DebitBody)
+
+
+@routes.post("/v1/transfers")
+async def create_transfer(request: web.Request) -> web.Response:
+    return await submit(request, TransferBody)
+
+
+@routes.get("/v1/accounts/{account_id}")
+async def get_account(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    account_id = path_uuid(request, "account_id")
+    account = await ingress.blocking(ingress.ledger.queries.account, request[TENANT], account_id)
+    if account is None:
+        raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+    return web.json_response(account_json(account))
+
+
+@routes.get("/v1/accounts/{account_id}/entries")
+async def list_entries(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    account_id = path_uuid(request, "account_id")
+    query = parse_query(dict(request.query))
+    page = await ingress.blocking(
+        ingress.ledger.queries.entries,
+        request[TENANT],
+        account_id,
+        limit=query.limit,
+        cursor=query.cursor,
+        newest_first=query.order == "desc",
+        since=query.since,
+        until=query.until,
+    )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [entry_json(e) for e in page.entries],
+            "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@routes.get("/v1/operations/{operation_id}")
+async def get_operation(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    tenant_id = request[TENANT]
+    operation_id = path_uuid(request, "operation_id")
+    document = await current_operation(ingress, tenant_id, operation_id)
+    if document is None:
+        raise OperationNotFound(f"operation {operation_id} does not exist", operation_id=str(operation_id))
+    wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
+    if wait_s is not None:
+        document = await settle_wait(ingress, tenant_id, document, wait_s)
+    response = web.json_response(document)
+    if wait_s is not None:
+        response.headers["Preference-Applied"] = f"wait={wait_s}"
+    return response
+
+
+@routes.get("/healthz")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
