@@ -11,7 +11,8 @@ from core.adapters.postgres.migrate import migrate
 from core.bootstrap import LedgerService, bootstrap
 from core.logs import configure_logging
 from core.settings import Settings
-from tests.services import postgres_admin_url
+from tests.processes import ManagedProcess, settings_env, worker_command
+from tests.services import delete_queues, postgres_admin_url
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +22,16 @@ def settings() -> Iterator[Settings]:
     with postgres_admin_url() as admin_url:
         name = f"cleanledger_test_{uuid.uuid4().hex[:12]}"
         database_url = psycopg.conninfo.make_conninfo(admin_url, dbname=name)
-        test_settings = Settings.from_env(database_url=database_url)
+        test_settings = Settings.from_env(
+            database_url=database_url,
+            command_queue=f"ledger.commands.{name}",  # private queue: no stray worker can take our commands
+            log_level="WARNING",
+        )
         migrate(test_settings)
         try:
             yield test_settings
         finally:
+            delete_queues(test_settings)
             with psycopg.connect(admin_url, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
@@ -49,3 +55,16 @@ def tenant() -> str:
 def db(settings: Settings) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def service_env(settings: Settings) -> dict[str, str]:
+    """Environment for the system's processes (ingress, workers...) started by tests."""
+    return settings_env(settings)
+
+
+@pytest.fixture(scope="session")
+def worker(service_env: dict[str, str]) -> Iterator[ManagedProcess]:
+    """One real Dramatiq worker process consuming the test run's command queue."""
+    with ManagedProcess.start(worker_command(), env=service_env, name="worker") as process:
+        yield process

@@ -7,6 +7,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from core.settings import Settings
+
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -33,3 +35,19 @@ def postgres_admin_url() -> Iterator[str]:
             yield pg.get_connection_url()
     else:
         yield LOCAL_POSTGRES
+
+
+def delete_queues(settings: Settings) -> None:
+    """Remove a test run's command queue and Dramatiq's delay and dead-letter queues beside it."""
+    import pika
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    except pika.exceptions.AMQPError:
+        return
+    try:
+        channel = connection.channel()
+        for name in (settings.command_queue, f"{settings.command_queue}.DQ", f"{settings.command_queue}.XQ"):
+            channel.queue_delete(name)
+    finally:
+        connection.close()

@@ -1,0 +1,345 @@
+"""The HTTP API through the app factory, against real PostgreSQL, Redis, RabbitMQ and a real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
+from core.adapters.rabbitmq.commands import CommandPublisher
+from core.application.commands import Credit
+from core.bootstrap import LedgerService
+from core.domain.ids import new_id
+from core.domain.money import Money
+from core.settings import Settings
+from ingress.app import init_app
+from tests.processes import ManagedProcess
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+CLOSED_PORT_AMQP = "amqp://guest:guest@127.0.0.1:1/%2F"
+CLOSED_PORT_REDIS = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture
+def api_key(ledger: LedgerService, tenant: str) -> str:
+    return create_api_key(ledger.pool, tenant, name="tests")[1]
+
+
+@pytest.fixture
+async def api(aiohttp_client: ClientFactory, settings: Settings, worker: ManagedProcess) -> TestClient[Any, Any]:
+    return await aiohttp_client(init_app(settings))
+
+
+def headers(key: str, idempotency_key: str | None = None, **extra: str) -> dict[str, str]:
+    h = {"Authorization": f"Bearer {key}", **extra}
+    if idempotency_key is not None:
+        h["Idempotency-Key"] = idempotency_key
+    return h
+
+
+async def post(
+    client: TestClient[Any, Any], path: str, key: str, body: Any, *, wait: int | None = 10, **extra: str
+) -> tuple[int, dict[str, Any]]:
+    h = headers(key, extra.pop("idem", None) or uuid.uuid4().hex, **extra)
+    if wait is not None:
+        h["Prefer"] = f"wait={wait}"
+    response = await client.post(path, json=body, headers=h)
+    return response.status, await response.json(content_type=None)
+
+
+async def new_account(client: TestClient[Any, Any], key: str, **body: Any) -> str:
+    status, doc = await post(client, "/v1/accounts", key, {"currency": "USD", **body})
+    assert status == 201, doc
+    return str(doc["result"]["account"]["id"])
+
+
+async def settle(client: TestClient[Any, Any], key: str, operation_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        response = await client.get(f"/v1/operations/{operation_id}", headers=headers(key))
+        assert response.status == 200
+        doc: dict[str, Any] = await response.json()
+        if doc["status"] != "pending" or asyncio.get_running_loop().time() > deadline:
+            return doc
+        await asyncio.sleep(0.05)
+
+
+# --- happy paths ---------------------------------------------------------------------------------------------
+async def test_post_then_poll_walkthrough(api: TestClient[Any, Any], api_key: str) -> None:
+    a = await new_account(api, api_key)
+    b = await new_account(api, api_key, overdraft_limit=500, metadata={"owner": "bob"})
+    response = await api.post(
+        "/v1/credits",
+        json={"account_id": a, "amount": 10_000, "currency": "USD"},
+        headers=headers(api_key, "credit-1"),
+    )
+    assert response.status == 202
+    accepted = await response.json()
+    assert accepted["status"] == "pending"
+    assert response.headers["Location"] == f"/v1/operations/{accepted['id']}"
+    settled = await settle(api, api_key, accepted["id"])
+    assert settled["status"] == "succeeded"
+    assert settled["result"]["transaction"]["kind"] == "credit"
+
+    status, transfer = await post(
+        api,
+        "/v1/transfers",
+        api_key,
+        {"source_id": a, "destination_id": b, "amount": 2_500, "currency": "USD", "metadata": {"ref": "inv-7"}},
+    )
+    assert status == 201
+    assert transfer["result"]["transaction"]["metadata"] == {"ref": "inv-7"}
+    status, _ = await post(api, "/v1/debits", api_key, {"account_id": b, "amount": 3_000, "currency": "USD"})
+    assert status == 201  # 2,500 in, 3,000 out: within b's 500 overdraft
+
+    account = await (await api.get(f"/v1/accounts/{b}", headers=headers(api_key))).json()
+    assert account["balance"] == {"posted": -500, "pending": 0, "available": -500}
+    assert account["overdraft_limit"] == 500
+    assert account["metadata"] == {"owner": "bob"}
+
+    page = await (await api.get(f"/v1/accounts/{a}/entries?limit=1", headers=headers(api_key))).json()
+    assert [e["amount"] for e in page["data"]] == [-2_500]
+    assert page["has_more"] is True
+    rest = await (
+        await api.get(f"/v1/accounts/{a}/entries?limit=10&cursor={page['next_cursor']}", headers=headers(api_key))
+    ).json()
+    assert [e["amount"] for e in rest["data"]] == [10_000]
+    assert rest["has_more"] is False
+    oldest = await (await api.get(f"/v1/accounts/{a}/entries?order=asc", headers=headers(api_key))).json()
+    assert [e["balance_after"] for e in oldest["data"]] == [10_000, 7_500]
+
+
+async def test_business_rejection_is_a_settled_failed_operation(api: TestClient[Any, Any], api_key: str) -> None:
+    a, b = await new_account(api, api_key), await new_account(api, api_key)
+    status, doc = await post(
+        api, "/v1/transfers", api_key, {"source_id": a, "destination_id": b, "amount": 1, "currency": "USD"}
+    )
+    assert status == 200
+    assert doc["status"] == "failed"
+    assert doc["problem"]["code"] == "insufficient-funds"
+    assert doc["problem"]["type"].endswith("/insufficient-funds")
+
+
+# --- documented errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"account_id": "not-a-uuid", "amount": 5, "currency": "USD"}, 422, "validation-failed"),
+        ({"account_id": str(uuid.uuid4()), "amount": 5.5, "currency": "USD"}, 422, "validation-failed"),
+        ({"account_id": str(uuid.uuid4()), "amount": "5", "currency": "USD"}, 422, "validation-failed"),
+        ({"account_id": str(uuid.uuid4()), "amount": -5, "currency": "USD"}, 422, "amount-invalid"),
+        ({"account_id": str(uuid.uuid4()), "amount": 0, "currency": "USD"}, 422, "amount-invalid"),
+        ({"account_id": str(uuid.uuid4()), "amount": 10**30, "currency": "USD"}, 422, "amount-invalid"),
+        ({"account_id": str(uuid.uuid4()), "amount": 5, "currency": "usd"}, 422, "currency-invalid"),
+        ({"account_id": str(uuid.uuid4()), "amount": 5, "currency": "USD", "extra": 1}, 422, "validation-failed"),
+        ({"account_id": str(uuid.uuid4()), "amount": 5}, 422, "validation-failed"),
+        ([1, 2], 422, "validation-failed"),
+        (
+            {"account_id": str(uuid.uuid4()), "amount": 5, "currency": "USD", "metadata": {"k": "v" * 5000}},
+            422,
+            "metadata-invalid",
+        ),
+    ],
+)
+async def test_bad_bodies_get_problem_documents(
+    api: TestClient[Any, Any], api_key: str, body: Any, status: int, code: str
+) -> None:
+    response = await api.post("/v1/credits", json=body, headers=headers(api_key, uuid.uuid4().hex))
+    assert response.status == status
+    assert response.content_type == "application/problem+json"
+    doc = await response.json(content_type=None)
+    assert doc["code"] == code
+    assert doc["detail"]
+
+
+async def test_transport_errors_are_problems_too(api: TestClient[Any, Any], api_key: str, settings: Settings) -> None:
+    async def problem(method: str, path: str, **kw: Any) -> tuple[int, str]:
+        response = await api.request(method, path, **kw)
+        assert response.content_type == "application/problem+json"
+        return response.status, (await response.json(content_type=None))["code"]
+
+    h = headers(api_key, "k-1")
+    assert await problem("POST", "/v1/credits", data=b"{nope", headers={**h, "Content-Type": "application/json"}) == (
+        400,
+        "request-invalid",
+    )
+    assert await problem("POST", "/v1/credits", json={}, headers=headers(api_key)) == (400, "idempotency-key-missing")
+    assert await problem("POST", "/v1/credits", json={}, headers=headers(api_key, "has space")) == (
+        400,
+        "idempotency-key-invalid",
+    )
+    big = b'{"metadata": "' + b"x" * settings.max_body_bytes + b'"}'
+    assert await problem("POST", "/v1/credits", data=big, headers={**h, "Content-Type": "application/json"}) == (
+        413,
+        "payload-too-large",
+    )
+    assert await problem(
+        "POST", "/v1/credits", data=b"a=1", headers={**h, "Content-Type": "application/x-www-form-urlencoded"}
+    ) == (415, "unsupported-media-type")
+    assert await problem("GET", "/v1/accounts/not-a-uuid", headers=h) == (400, "request-invalid")
+    assert await problem("GET", f"/v1/accounts/{uuid.uuid4()}", headers=h) == (404, "account-not-found")
+    assert await problem("GET", f"/v1/operations/{uuid.uuid4()}", headers=h) == (404, "operation-not-found")
+    assert await problem("GET", f"/v1/accounts/{uuid.uuid4()}/entries?limit=5000", headers=h) == (
+        400,
+        "request-invalid",
+    )
+    assert await problem("GET", "/v1/nothing-here", headers=h) == (404, "not-found")
+    assert await problem("DELETE", "/v1/credits", headers=h) == (405, "method-not-allowed")
+
+
+# --- auth and tenants ----------------------------------------------------------------------------------------
+async def test_api_key_is_required_and_checked(api: TestClient[Any, Any], ledger: LedgerService, tenant: str) -> None:
+    key, secret = create_api_key(ledger.pool, tenant)
+    for h in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer clk_not-a-real-key"}):
+        response = await api.get(f"/v1/accounts/{uuid.uuid4()}", headers=h)
+        assert response.status == 401
+        assert (await response.json(content_type=None))["code"] == "unauthorized"
+    revoke_api_key(ledger.pool, key.id)
+    assert (await api.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(secret))).status == 401
+
+
+async def test_tenants_are_isolated(api: TestClient[Any, Any], api_key: str, ledger: LedgerService) -> None:
+    mine = await new_account(api, api_key)
+    _, credit_doc = await post(api, "/v1/credits", api_key, {"account_id": mine, "amount": 900, "currency": "USD"})
+    other_key = create_api_key(ledger.pool, f"other-{uuid.uuid4().hex[:12]}")[1]
+    theirs = await new_account(api, other_key)
+    assert (await api.get(f"/v1/accounts/{mine}", headers=headers(other_key))).status == 404
+    assert (await api.get(f"/v1/accounts/{mine}/entries", headers=headers(other_key))).status == 404
+    assert (await api.get(f"/v1/operations/{credit_doc['id']}", headers=headers(other_key))).status == 404
+    _, stolen = await post(
+        api, "/v1/transfers", other_key, {"source_id": mine, "destination_id": theirs, "amount": 100, "currency": "USD"}
+    )
+    assert stolen["status"] == "failed"
+    assert stolen["problem"]["code"] == "account-not-found"
+    account = await (await api.get(f"/v1/accounts/{mine}", headers=headers(api_key))).json()
+    assert account["balance"]["posted"] == 900
+
+
+# --- idempotency across nodes --------------------------------------------------------------------------------
+async def test_same_key_on_two_nodes_is_one_operation(
+    aiohttp_client: ClientFactory,
+    settings: Settings,
+    worker: ManagedProcess,
+    api_key: str,
+    ledger: LedgerService,
+    tenant: str,
+) -> None:
+    node1 = await aiohttp_client(init_app(settings))
+    node2 = await aiohttp_client(init_app(settings))
+    node3_no_redis = await aiohttp_client(init_app(dataclasses.replace(settings, redis_url=CLOSED_PORT_REDIS)))
+    a = await new_account(node1, api_key)
+    body = {"account_id": a, "amount": 250, "currency": "USD"}
+    answers = await asyncio.gather(
+        *(
+            post(node, "/v1/credits", api_key, body, wait=None, idem="pay-1")
+            for node in (node1, node2, node3_no_redis, node1, node2)
+        )
+    )
+    assert len({doc["id"] for _, doc in answers}) == 1
+    settled = await settle(node1, api_key, answers[0][1]["id"])
+    assert settled["status"] == "succeeded"
+    for node in (node2, node3_no_redis):  # replay after settlement: the final result, flagged as a replay
+        response = await node.post("/v1/credits", json=body, headers=headers(api_key, "pay-1"))
+        assert response.status == 200
+        assert response.headers["Idempotent-Replayed"] == "true"
+        assert (await response.json())["result"] == settled["result"]
+    for node in (node1, node3_no_redis):  # same key, another request: refused on any node, with or without Redis
+        response = await node.post("/v1/credits", json={**body, "amount": 251}, headers=headers(api_key, "pay-1"))
+        assert response.status == 422
+        assert (await response.json(content_type=None))["code"] == "idempotency-key-reused"
+    assert ledger.queries.account(tenant, uuid.UUID(a)).balance == 250  # type: ignore[union-attr]
+
+
+async def test_prefer_wait_without_redis_falls_back_to_polling(
+    aiohttp_client: ClientFactory, settings: Settings, worker: ManagedProcess, api_key: str
+) -> None:
+    node = await aiohttp_client(init_app(dataclasses.replace(settings, redis_url=CLOSED_PORT_REDIS)))
+    a = await new_account(node, api_key)  # new_account itself waits: settled through PostgreSQL polling
+    status, doc = await post(node, "/v1/credits", api_key, {"account_id": a, "amount": 1, "currency": "USD"}, wait=10)
+    assert status == 201
+    assert doc["status"] == "succeeded"
+
+
+async def test_prefer_wait_answers_202_when_not_settled_in_time(
+    aiohttp_client: ClientFactory, settings: Settings, api_key: str, ledger: LedgerService
+) -> None:
+    # No worker consumes this queue, so nothing settles.
+    lonely = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.unconsumed")
+    node = await aiohttp_client(init_app(lonely))
+    started = asyncio.get_running_loop().time()
+    status, doc = await post(node, "/v1/accounts", api_key, {"currency": "EUR"}, wait=1)
+    assert status == 202
+    assert doc["status"] == "pending"
+    assert 0.9 <= asyncio.get_running_loop().time() - started < 5
+    from tests.services import delete_queues
+
+    delete_queues(lonely)
+
+
+# --- failure modes -------------------------------------------------------------------------------------------
+async def test_broker_down_means_503_and_nothing_accepted(
+    aiohttp_client: ClientFactory, settings: Settings, worker: ManagedProcess, api_key: str
+) -> None:
+    down = await aiohttp_client(init_app(dataclasses.replace(settings, amqp_url=CLOSED_PORT_AMQP)))
+    response = await down.post("/v1/accounts", json={"currency": "USD"}, headers=headers(api_key, "acct-when-down"))
+    assert response.status == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (await response.json(content_type=None))["code"] == "service-unavailable"
+    # Nothing was half-accepted: the same key on a healthy node is a fresh, working request.
+    healthy = await aiohttp_client(init_app(settings))
+    status, doc = await post(healthy, "/v1/accounts", api_key, {"currency": "USD"}, idem="acct-when-down")
+    assert status == 201
+    assert doc["status"] == "succeeded"
+
+
+async def test_burst_is_rate_limited_per_api_key(
+    aiohttp_client: ClientFactory, settings: Settings, api_key: str, ledger: LedgerService, tenant: str
+) -> None:
+    node = await aiohttp_client(init_app(dataclasses.replace(settings, rate_limit_burst=5, rate_limit_per_second=0.5)))
+    statuses = []
+    for _ in range(12):
+        response = await node.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(api_key))
+        statuses.append(response.status)
+        if response.status == 429:
+            assert float(response.headers["Retry-After"]) >= 1
+            assert (await response.json(content_type=None))["code"] == "rate-limited"
+    assert statuses[:5] == [404] * 5
+    assert statuses[5:] == [429] * 7
+    other = create_api_key(ledger.pool, tenant)[1]  # another key has its own bucket
+    assert (await node.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(other))).status == 404
+
+
+def test_a_message_delivered_twice_settles_once(
+    settings: Settings, worker: ManagedProcess, ledger: LedgerService, tenant: str
+) -> None:
+    from tests.helpers import balance, open_account
+
+    account = open_account(ledger, tenant)
+    command = Credit(tenant, account, Money.for_posting(333, "USD"))
+    operation_id = new_id()
+    accepted = ledger.accept(command, idempotency_key="twice", operation_id=operation_id)
+    assert accepted.status == "pending"
+    publisher = CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)
+    try:
+        for _ in range(3):
+            publisher.publish(operation_id=operation_id, idempotency_key="twice", command=command)
+    finally:
+        publisher.close()
+    deadline = time.monotonic() + 15
+    while (op := ledger.queries.operation(tenant, operation_id)) is not None and op.status == "pending":
+        assert time.monotonic() < deadline, "the operation never settled"
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the duplicates be consumed too
+    assert op is not None and op.status == "succeeded"
+    with psycopg.connect(settings.database_url) as conn:
+        count = conn.execute("SELECT count(*) FROM transactions WHERE operation_id = %s", (operation_id,)).fetchone()
+    assert count == (1,)
+    assert balance(ledger, tenant, account) == 333

@@ -1,0 +1,89 @@
+"""Redelivery sweeper: re-enqueue pending operations whose command may never have reached RabbitMQ.
+
+The ingress records an operation, then publishes its command; if the ingress dies between the two, the
+operation would stay pending forever. This sweeper finds operations still pending `redeliver_after_s` after
+their last enqueue and publishes their command again. Workers settle each operation exactly once, so a
+second copy of a command that did arrive is harmless (it replays).
+
+Run with `python -m workers.redeliver` (see Procfile).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+
+import structlog
+from psycopg_pool import ConnectionPool
+
+from core.adapters.postgres.db import open_pool
+from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
+from core.application.commands import command_from_json
+from core.logs import configure_logging
+from core.settings import Settings
+
+log = structlog.get_logger(__name__)
+# Operations re-enqueued per sweep, at most.
+BATCH_SIZE = 500
+
+
+class RedeliverySweeper:
+    def __init__(self, pool: ConnectionPool, publisher: CommandPublisher, *, redeliver_after_s: float) -> None:
+        self.pool = pool
+        self.publisher = publisher
+        self.redeliver_after_s = redeliver_after_s
+
+    def run_once(self) -> int:
+        """Re-enqueue one batch of stale pending operations; returns how many were published."""
+        published = 0
+        with self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT o.id, k.key, o.request FROM idempotency_keys k JOIN operations o ON o.id = k.operation_id"
+                " WHERE k.status = 'pending' AND o.last_enqueued_at < now() - make_interval(secs => %s)"
+                " ORDER BY o.last_enqueued_at LIMIT %s FOR UPDATE OF o SKIP LOCKED",
+                (self.redeliver_after_s, BATCH_SIZE),
+            ).fetchall()
+            for operation_id, key, request in rows:
+                try:
+                    self.publisher.publish(
+                        operation_id=operation_id, idempotency_key=key, command=command_from_json(request)
+                    )
+                except BrokerUnavailable as exc:
+                    log.warning("redeliver.broker_unavailable", error=str(exc))
+                    break
+                conn.execute("UPDATE operations SET last_enqueued_at = now() WHERE id = %s", (operation_id,))
+                log.info("redeliver.published", operation_id=str(operation_id))
+                published += 1
+        return published
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    pool = open_pool(settings, min_size=1, max_size=1)
+    sweeper = RedeliverySweeper(
+        pool,
+        CommandPublisher(settings.amqp_url, queue_name=settings.command_queue),
+        redeliver_after_s=settings.redeliver_after_s,
+    )
+    interval_s = max(1.0, settings.redeliver_after_s / 4)  # seconds between sweeps
+    log.info("redeliver.started", interval_s=interval_s)
+    while not stop.is_set():
+        try:
+            sweeper.run_once()
+        except Exception:
+            log.exception("redeliver.sweep_failed")
+        stop.wait(interval_s)
+    pool.close()
+
+
+if __name__ == "__main__":
+    main()
