@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Self
+from collections.abc import Mapping
+from typing import Self, get_type_hints
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +41,22 @@ class Settings:
     log_json: bool = True
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Self:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Self:
+        """Settings from `CLEANLEDGER_<FIELD>` variables (e.g. CLEANLEDGER_DATABASE_URL), then `overrides`."""
         env = os.environ if environ is None else environ
+        types = get_type_hints(cls)
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get(f"CLEANLEDGER_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.type in ("int", int):
-                values[f.name] = int(raw)
-            elif f.type in ("bool", bool):
+            kind = types[f.name]
+            if kind is bool:
                 values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
-                values[f.name] = raw
+                try:
+                    values[f.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"CLEANLEDGER_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from None
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,101 @@
+"""Workers when things go wrong: lost publishes are redelivered, endless conflicts end as processing-failed."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pika
+import psycopg
+
+from core.adapters.rabbitmq.commands import CommandPublisher
+from core.application.commands import Credit
+from core.application.views import OperationResult, OperationStatus
+from core.bootstrap import LedgerService
+from core.domain.ids import new_id
+from core.domain.money import Money
+from core.settings import Settings
+from tests.helpers import balance, open_account
+from tests.processes import ManagedProcess, settings_env, worker_command
+from tests.services import delete_queues
+from workers.redeliver import RedeliverySweeper
+
+
+def wait_until_settled(ledger: LedgerService, tenant: str, operation_id: object, timeout_s: float) -> OperationResult:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        op = ledger.queries.operation(tenant, operation_id)  # type: ignore[arg-type]
+        assert op is not None
+        if op.settled or time.monotonic() > deadline:
+            return op
+        time.sleep(0.05)
+
+
+def test_an_accepted_command_that_never_reached_the_queue_is_redelivered(
+    settings: Settings, worker: ManagedProcess, ledger: LedgerService, tenant: str
+) -> None:
+    account = open_account(ledger, tenant)
+    operation_id = new_id()
+    command = Credit(tenant, account, Money.for_posting(1_234, "USD"))
+    # The ingress recorded the operation, then died before publishing: nothing is on the queue.
+    ledger.accept(command, idempotency_key="lost-publish", operation_id=operation_id)
+    time.sleep(0.3)
+    assert wait_until_settled(ledger, tenant, operation_id, 0).status is OperationStatus.PENDING
+
+    publisher = CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)
+    try:
+        sweeper = RedeliverySweeper(ledger.pool, publisher, redeliver_after_s=0)
+        assert sweeper.run_once() >= 1
+    finally:
+        publisher.close()
+    assert wait_until_settled(ledger, tenant, operation_id, 15).status is OperationStatus.SUCCEEDED
+    assert balance(ledger, tenant, account) == 1_234
+
+
+def test_retries_exhausted_settle_as_processing_failed_and_dead_letter(
+    settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    impatient = dataclasses.replace(
+        settings,
+        command_queue=f"{settings.command_queue}.exhaust",
+        worker_max_retries=1,
+        worker_min_backoff_ms=50,
+        worker_max_backoff_ms=100,
+        db_lock_timeout_ms=50,  # a held row lock turns into a transient conflict quickly
+    )
+    account = open_account(ledger, tenant)
+    operation_id = new_id()
+    command = Credit(tenant, account, Money.for_posting(10, "USD"))
+    ledger.accept(command, idempotency_key="never-gets-the-lock", operation_id=operation_id)
+    try:
+        with (
+            psycopg.connect(settings.database_url) as blocker,
+            ManagedProcess.start(worker_command(threads=2), env=settings_env(impatient), name="impatient-worker"),
+        ):
+            blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))  # held until exit
+            publisher = CommandPublisher(impatient.amqp_url, queue_name=impatient.command_queue)
+            try:
+                publisher.publish(operation_id=operation_id, idempotency_key="never-gets-the-lock", command=command)
+            finally:
+                publisher.close()
+            settled = wait_until_settled(ledger, tenant, operation_id, 60)
+        assert settled.status is OperationStatus.FAILED
+        assert settled.problem is not None
+        assert settled.problem["code"] == "processing-failed"
+        assert dead_letters(impatient) >= 1
+        assert balance(ledger, tenant, account) == 0
+        # The failure is final: the same key replays it rather than posting now that the lock is free.
+        again = ledger.execute(command, idempotency_key="never-gets-the-lock")
+        assert again.replayed
+        assert again.status is OperationStatus.FAILED
+    finally:
+        delete_queues(impatient)
+
+
+def dead_letters(settings: Settings) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        declared = connection.channel().queue_declare(f"{settings.command_queue}.XQ", passive=True)
+        return int(declared.method.message_count)
+    finally:
+        connection.close()
