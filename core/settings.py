@@ -4,8 +4,8 @@ that works against this machine's local services."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Self, get_type_hints
 
 

@@ -1,0 +1,99 @@
+"""Operation cache: the idempotency-key fast path and settled operation results, written by the workers.
+
+PostgreSQL is the truth; everything here is a hint that may be missing. Reads answer None and writes do nothing
+when Redis cannot answer (logged), and a cached entry that does not parse counts as a miss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+import structlog
+
+from core.adapters.redis.client import REDIS_ERRORS, describe
+from core.adapters.redis.keys import idempotency_key, result_key, settled_channel
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedKey:
+    operation_id: str
+    fingerprint: str  # of the request body first sent with the key, to detect reuse for another request
+
+
+class OperationCache:
+    """Async, for the ingress. The client is the caller's (built by `client.async_client`)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+
+    async def remember_key(self, tenant_id: str, key: str, *, operation_id: str, fingerprint: str, ttl_s: int) -> None:
+        """Remember which operation an idempotency key belongs to, for `ttl_s` seconds (overwrites)."""
+        value = json.dumps({"operation_id": operation_id, "fingerprint": fingerprint}, separators=(",", ":"))
+        try:
+            await self._client.set(idempotency_key(tenant_id, key), value, ex=ttl_s)
+        except REDIS_ERRORS as exc:
+            log.warning("cache.redis_unavailable", op="remember_key", tenant_id=tenant_id, error=describe(exc))
+
+    async def lookup_key(self, tenant_id: str, key: str) -> CachedKey | None:
+        raw = await self._get(idempotency_key(tenant_id, key), op="lookup_key")
+        if raw is None:
+            return None
+        doc = _parse_object(raw)
+        if doc is None or not isinstance(doc.get("operation_id"), str) or not isinstance(doc.get("fingerprint"), str):
+            log.warning("cache.corrupt_entry", op="lookup_key", tenant_id=tenant_id)
+            return None
+        return CachedKey(operation_id=doc["operation_id"], fingerprint=doc["fingerprint"])
+
+    async def get_result(self, operation_id: str) -> dict[str, Any] | None:
+        """The settled operation's document as stored by `SettlementPublisher.settled`, or None."""
+        raw = await self._get(result_key(operation_id), op="get_result")
+        if raw is None:
+            return None
+        doc = _parse_object(raw)
+        if doc is None:
+            log.warning("cache.corrupt_entry", op="get_result", operation_id=operation_id)
+        return doc
+
+    async def _get(self, name: str, *, op: str) -> bytes | None:
+        try:
+            raw = await self._client.get(name)
+        except REDIS_ERRORS as exc:
+            log.warning("cache.redis_unavailable", op=op, error=describe(exc))
+            return None
+        return raw if isinstance(raw, bytes) else None
+
+
+class SettlementPublisher:
+    """Sync, for the workers: after an operation settled in PostgreSQL, cache its result and wake the waiters."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def settled(self, operation_id: str, document: dict[str, Any], *, ttl_s: int) -> None:
+        """SET the result (TTL `ttl_s` seconds) and PUBLISH the id, in one MULTI/EXEC round trip."""
+        try:
+            payload = json.dumps(document, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            log.error("settlement.unserializable", operation_id=operation_id, error=describe(exc))
+            return
+        try:
+            with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(result_key(operation_id), payload, ex=ttl_s)
+                pipe.publish(settled_channel(operation_id), operation_id)
+                pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("settlement.redis_unavailable", operation_id=operation_id, error=describe(exc))
+
+
+def _parse_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -1,0 +1,51 @@
+"""The one place that opens Redis connections.
+
+Redis is only a speed-up here (PostgreSQL is the truth), so clients are built to fail fast: short timeouts and a
+single immediate retry (enough to replace a pooled connection the server closed), never seconds of backoff.
+"""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+CONNECT_TIMEOUT_S = 0.25  # seconds, to open a TCP connection
+SOCKET_TIMEOUT_S = 0.25  # seconds, to send a command and read its reply
+RETRIES = 1  # extra tries of a failed command, at once (no backoff)
+
+# What "Redis unavailable" looks like: redis-py's own errors (its ConnectionError and TimeoutError included)
+# and the OS-level ones (builtin ConnectionError / TimeoutError are OSError subclasses).
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+
+
+def async_client(url: str) -> redis.asyncio.Redis:
+    """A pooled asyncio client, for the aiohttp ingress. The caller owns it (`await client.aclose()`)."""
+    return redis.asyncio.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+        retry=AsyncRetry(NoBackoff(), RETRIES),
+        decode_responses=False,
+    )
+
+
+def sync_client(url: str) -> redis.Redis:
+    """A pooled blocking client, for the Dramatiq workers. The caller owns it (`client.close()`)."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+        retry=Retry(NoBackoff(), RETRIES),
+        decode_responses=False,
+    )
+
+
+def describe(error: BaseException) -> str:
+    """For logs: redis-py's own repr() of its errors drops the message."""
+    return f"{type(error).__name__}: {error}"

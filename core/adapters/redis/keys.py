@@ -1,0 +1,25 @@
+"""Names of every Redis key and channel this system uses, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+
+RATE_LIMIT_PREFIX = "cleanledger:ratelimit:"
+SETTLED_PREFIX = "cleanledger:settled:"
+
+
+def idempotency_key(tenant_id: str, key: str) -> str:
+    """The client's key is hashed: bounded length, and none of its characters end up in a Redis key name."""
+    return f"cleanledger:idem:{tenant_id}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def result_key(operation_id: str) -> str:
+    return f"cleanledger:op:{operation_id}"
+
+
+def rate_limit_key(bucket_id: str) -> str:
+    return RATE_LIMIT_PREFIX + bucket_id
+
+
+def settled_channel(operation_id: str) -> str:
+    return SETTLED_PREFIX + operation_id

@@ -1,0 +1,1 @@
+"""Background workers: processes that run beside the ingress (the outbox relay...)."""
