@@ -6,6 +6,7 @@ import re
 from typing import Any
 from uuid import UUID
 
+import structlog
 from aiohttp import web
 
 from core.adapters.rabbitmq.commands import BrokerUnavailable
@@ -123,6 +124,7 @@ async def submit(request: web.Request, model: type[Body]) -> web.Response:
             ingress.ledger.accept, command, idempotency_key=key, operation_id=new_id()
         )
         replayed = outcome.replayed
+        structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
         if not replayed:
             await publish_or_abandon(ingress, command, key, outcome.operation_id)
         await ingress.cache.remember_key(

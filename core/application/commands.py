@@ -74,31 +74,30 @@ class CreateAccount(Command):
 
 
 @dataclass(frozen=True, slots=True)
-class Credit(Command):
-    """Money arrives from outside the ledger: external account -> account."""
+class _OneAccountPosting(Command):
+    """Money crossing the ledger's edge: one customer account against the tenant's external account."""
 
-    type: ClassVar[str] = "credit"
     account_id: UUID
     amount: Money
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        super(Credit, self).__post_init__()
+        super(_OneAccountPosting, self).__post_init__()
         validate_metadata(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)
-class Debit(Command):
+class Credit(_OneAccountPosting):
+    """Money arrives from outside the ledger: external account -> account."""
+
+    type: ClassVar[str] = "credit"
+
+
+@dataclass(frozen=True, slots=True)
+class Debit(_OneAccountPosting):
     """Money leaves the ledger: account -> external account."""
 
     type: ClassVar[str] = "debit"
-    account_id: UUID
-    amount: Money
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super(Debit, self).__post_init__()
-        validate_metadata(self.metadata)
 
 
 @dataclass(frozen=True, slots=True)
