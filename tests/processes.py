@@ -87,5 +87,11 @@ class ManagedProcess:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group and reap it: a crash, not a shutdown."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

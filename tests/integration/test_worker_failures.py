@@ -99,3 +99,52 @@ def dead_letters(settings: Settings) -> int:
         return int(declared.method.message_count)
     finally:
         connection.close()
+
+
+def test_a_worker_killed_mid_posting_leaves_the_command_to_settle_exactly_once(
+    settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    queue = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.kill9")
+    env = settings_env(queue)
+    account = open_account(ledger, tenant)
+    operation_id = new_id()
+    command = Credit(tenant, account, Money.for_posting(4_321, "USD"))
+    ledger.accept(command, idempotency_key="kill-9", operation_id=operation_id)
+    try:
+        with psycopg.connect(settings.database_url) as blocker:
+            # Hold the account's row lock: the worker's posting transaction starts, then waits inside it.
+            blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))
+            with ManagedProcess.start(worker_command(threads=1), env=env, name="doomed-worker") as doomed:
+                publisher = CommandPublisher(queue.amqp_url, queue_name=queue.command_queue)
+                try:
+                    publisher.publish(operation_id=operation_id, idempotency_key="kill-9", command=command)
+                finally:
+                    publisher.close()
+                wait_for_lock_waiter(settings, blocker.info.backend_pid)
+                doomed.kill()  # SIGKILL mid-posting: no rollback, no nack, nothing graceful
+        # Lock released, the doomed worker gone: a fresh worker gets the redelivered message.
+        with ManagedProcess.start(worker_command(threads=1), env=env, name="successor-worker"):
+            settled = wait_until_settled(ledger, tenant, operation_id, 30)
+        assert settled.status is OperationStatus.SUCCEEDED
+        assert balance(ledger, tenant, account) == 4_321
+        with psycopg.connect(settings.database_url) as conn:
+            count = conn.execute(
+                "SELECT count(*) FROM transactions WHERE operation_id = %s", (operation_id,)
+            ).fetchone()
+        assert count == (1,)
+    finally:
+        delete_queues(queue)
+
+
+def wait_for_lock_waiter(settings: Settings, holder_pid: int, timeout_s: float = 20) -> None:
+    """Until some session is blocked on a lock that `holder_pid` holds (the worker, mid-posting)."""
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(settings.database_url, autocommit=True) as monitor:
+        while time.monotonic() < deadline:
+            row = monitor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (holder_pid,)
+            ).fetchone()
+            if row and row[0]:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the worker never reached the posting")
