@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 from datetime import timedelta
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from core.adapters.postgres.migrate import migrate
 from core.adapters.postgres.verify import verify
 from core.application.commands import ChangeAccountStatus, CreateAccount, Credit, Debit, Transfer
 from core.application.views import OperationResult, OperationStatus
-from core.bootstrap import LedgerService
+from core.bootstrap import LedgerService, bootstrap
 from core.cli import main as cli_main
 from core.domain.errors import IdempotencyKeyReused, RequestInvalid
 from core.domain.ids import external_account_id
@@ -210,6 +212,7 @@ def test_entries_use_the_index_not_a_scan(ledger: LedgerService, tenant: str, db
         "UPDATE transactions SET kind = 'credit'",
         "DELETE FROM transactions",
         "TRUNCATE entries CASCADE",
+        "DELETE FROM accounts",
     ],
 )
 def test_ledger_history_is_append_only(
@@ -252,3 +255,31 @@ def test_create_account_defaults_to_no_overdraft(ledger: LedgerService, tenant: 
     body = result.result["account"]
     assert body["debits_must_not_exceed_credits"] is True and body["currency"] == "BHD"
     assert body["balance"] == {"posted": 0, "pending": 0, "available": 0}
+
+
+def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings: Settings) -> None:
+    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_scratch"
+    scratch = dataclasses.replace(
+        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name)
+    )
+    migrate(scratch)  # a throwaway database: the orphan written here can never be removed (append-only)
+    try:
+        service = bootstrap(scratch, pool_size=2)
+        try:
+            a = open_account(service, "scratch")
+            credit(service, "scratch", a, 10)
+        finally:
+            service.close()
+        with psycopg.connect(scratch.database_url, autocommit=True) as conn:
+            assert verify(conn) == []
+            conn.execute(
+                "INSERT INTO entries (transaction_id, account_id, sequence, amount, currency, balance_after,"
+                " created_at)"
+                " VALUES (%s, %s, 99, 1, 'USD', 1, now())",
+                (uuid.uuid4(), a),
+            )
+            found = {v.check for v in verify(conn)}
+        assert "every entry belongs to an existing transaction and account" in found
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

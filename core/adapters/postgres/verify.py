@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psycopg import Connection, IsolationLevel
+from psycopg import Connection
 from psycopg.rows import TupleRow
 
 # Offending rows reported per check, at most.
@@ -22,6 +22,17 @@ CHECKS: dict[str, str] = {
         FROM transactions t LEFT JOIN entries e ON e.transaction_id = t.id
         GROUP BY t.id, e.currency
         HAVING coalesce(sum(e.amount), 0) <> 0 OR count(e.*) < 2
+    """,
+    "every entry belongs to an existing transaction and account": """
+        SELECT e.account_id, e.sequence, e.transaction_id FROM entries e
+        LEFT JOIN transactions t ON t.id = e.transaction_id
+        LEFT JOIN accounts a ON a.id = e.account_id
+        WHERE t.id IS NULL OR a.id IS NULL
+    """,
+    "every idempotency key has its operation": """
+        SELECT k.tenant_id, k.key, k.operation_id FROM idempotency_keys k
+        LEFT JOIN operations o ON o.id = k.operation_id
+        WHERE o.id IS NULL
     """,
     "entries are in their account's currency and tenant": """
         SELECT e.account_id, e.sequence, e.currency, a.currency
@@ -69,11 +80,9 @@ class Violation:
 
 def verify(conn: Connection[TupleRow]) -> list[Violation]:
     """Every violation found; an empty list means the books are sound."""
-    conn.autocommit = False
-    conn.isolation_level = IsolationLevel.REPEATABLE_READ
-    conn.read_only = True
     violations: list[Violation] = []
     with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         for name, query in CHECKS.items():
             rows = conn.execute(f"SELECT * FROM ({query}) v LIMIT {MAX_REPORTED}").fetchall()
             violations.extend(Violation(name, tuple(row)) for row in rows)
