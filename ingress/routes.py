@@ -6,15 +6,18 @@ import re
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import structlog
 from aiohttp import web
 
+from core.adapters.postgres.operations import enqueue_state, mark_enqueued
 from core.adapters.rabbitmq.commands import BrokerUnavailable
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import EntryView
 from core.application.views import OperationResult, account_json, operation_json, operation_path
 from core.domain.errors import (
     AccountNotFound,
+    IdempotencyKeyInUse,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     OperationNotFound,
@@ -36,6 +39,10 @@ from ingress.schemas import (
 )
 
 routes = web.RouteTableDef()
+log = structlog.get_logger("ingress")
+# Longest a publish (all of Dramatiq's connection attempts) plus its confirmation bookkeeping can take, in
+# seconds; an operation unconfirmed for longer than this has lost its publisher.
+PUBLISH_GRACE_S = 30.0
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
 
 
@@ -127,6 +134,8 @@ async def submit(request: web.Request, model: type[Body]) -> web.Response:
         structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
         if not replayed:
             await publish_or_abandon(ingress, command, key, outcome.operation_id)
+        elif not outcome.settled:
+            await ensure_confirmed(ingress, tenant_id, key, outcome.operation_id)
         await ingress.cache.remember_key(
             tenant_id,
             key,
@@ -155,6 +164,25 @@ async def publish_or_abandon(ingress: Ingress, command: Command, key: str, opera
             retry_after=ingress.settings.broker_retry_after_s,
             reason=str(exc),
         ) from None
+    try:
+        await ingress.blocking(mark_enqueued, ingress.ledger.pool, operation_id)
+    except psycopg.Error as exc:
+        # The command is on the queue and will settle; only the bookkeeping is missing, so the sweeper may
+        # publish it once more later (harmless: it replays). Never fail an accepted request for this.
+        log.warning("ingress.mark_enqueued_failed", operation_id=str(operation_id), error=str(exc))
+
+
+async def ensure_confirmed(ingress: Ingress, tenant_id: str, key: str, operation_id: UUID) -> None:
+    """A duplicate found the key's operation pending. If its first request is still publishing (not yet
+    confirmed, recently recorded), that publish may yet fail and withdraw the operation: answer 409 rather
+    than hand out an id that could vanish. Past the grace period the publisher is gone and the redelivery
+    sweeper owns the operation, so its id is safe to give."""
+    state = await ingress.blocking(enqueue_state, ingress.ledger.pool, tenant_id, operation_id)
+    if state is not None and not state.confirmed and state.age_s < PUBLISH_GRACE_S:
+        raise IdempotencyKeyInUse(
+            f"the first request with Idempotency-Key {key!r} is still being accepted",
+            retry_after=1,
+        )
 
 
 def entry_json(entry: EntryView) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import structlog
 from psycopg_pool import ConnectionPool
 
 from core.adapters.postgres.db import open_pool
+from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in
 from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
 from core.application.commands import command_from_json
 from core.logs import configure_logging
@@ -38,12 +39,7 @@ class RedeliverySweeper:
         """Re-enqueue one batch of stale pending operations; returns how many were published."""
         published = 0
         with self.pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT o.id, k.key, o.request FROM idempotency_keys k JOIN operations o ON o.id = k.operation_id"
-                " WHERE k.status = 'pending' AND o.last_enqueued_at < now() - make_interval(secs => %s)"
-                " ORDER BY o.last_enqueued_at LIMIT %s FOR UPDATE OF o SKIP LOCKED",
-                (self.redeliver_after_s, BATCH_SIZE),
-            ).fetchall()
+            rows = lock_stale_pending(conn, older_than_s=self.redeliver_after_s, limit=BATCH_SIZE)
             for operation_id, key, request in rows:
                 try:
                     self.publisher.publish(
@@ -52,7 +48,7 @@ class RedeliverySweeper:
                 except BrokerUnavailable as exc:
                     log.warning("redeliver.broker_unavailable", error=str(exc))
                     break
-                conn.execute("UPDATE operations SET last_enqueued_at = now() WHERE id = %s", (operation_id,))
+                mark_enqueued_in(conn, operation_id)
                 log.info("redeliver.published", operation_id=str(operation_id))
                 published += 1
         return published

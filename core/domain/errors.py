@@ -77,6 +77,15 @@ class IdempotencyKeyReused(LedgerError):
     )
 
 
+class IdempotencyKeyInUse(LedgerError):
+    code, title, status = (
+        "idempotency-key-in-use",
+        "A request with this Idempotency-Key is still being accepted; retry shortly",
+        409,
+    )
+    permanent = False
+
+
 # --- business rules ---------------------------------------------------------------------------------------
 class AccountNotFound(LedgerError):
     code, title, status = "account-not-found", "The account does not exist", 404

@@ -48,11 +48,17 @@ def headers(key: str, idempotency_key: str | None = None, **extra: str) -> dict[
 async def post(
     client: TestClient[Any, Any], path: str, key: str, body: Any, *, wait: int | None = 10, **extra: str
 ) -> tuple[int, dict[str, Any]]:
+    """POST like a well-behaved client: on 409 idempotency-key-in-use, wait as told and send it again."""
     h = headers(key, extra.pop("idem", None) or uuid.uuid4().hex, **extra)
     if wait is not None:
         h["Prefer"] = f"wait={wait}"
-    response = await client.post(path, json=body, headers=h)
-    return response.status, await response.json(content_type=None)
+    for _ in range(50):
+        response = await client.post(path, json=body, headers=h)
+        if response.status != 409:
+            return response.status, await response.json(content_type=None)
+        assert (await response.json(content_type=None))["code"] == "idempotency-key-in-use"
+        await asyncio.sleep(0.1)
+    raise AssertionError("still in use after 5 s")
 
 
 async def new_account(client: TestClient[Any, Any], key: str, **body: Any) -> str:
@@ -343,3 +349,25 @@ def test_a_message_delivered_twice_settles_once(
         count = conn.execute("SELECT count(*) FROM transactions WHERE operation_id = %s", (operation_id,)).fetchone()
     assert count == (1,)
     assert balance(ledger, tenant, account) == 333
+
+
+async def test_duplicate_while_the_first_is_still_publishing_is_told_to_retry(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService, tenant: str, settings: Settings
+) -> None:
+    a = await new_account(api, api_key)
+    body = {"account_id": a, "amount": 40, "currency": "USD"}
+    command = Credit(tenant, uuid.UUID(a), Money.for_posting(40, "USD"))
+    operation_id = new_id()
+    # Another node recorded the operation and is publishing it right now (not confirmed yet).
+    ledger.accept(command, idempotency_key="in-flight", operation_id=operation_id)
+    response = await api.post("/v1/credits", json=body, headers=headers(api_key, "in-flight"))
+    assert response.status == 409
+    assert response.headers["Retry-After"] == "1"
+    assert (await response.json(content_type=None))["code"] == "idempotency-key-in-use"
+    # Once that publish is long overdue, its publisher is gone and the sweeper owns the operation: the
+    # duplicate now gets the operation (202), never an id that could still be withdrawn.
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE operations SET created_at = now() - interval '1 hour' WHERE id = %s", (operation_id,))
+    response = await api.post("/v1/credits", json=body, headers=headers(api_key, "in-flight"))
+    assert response.status == 202
+    assert (await response.json())["id"] == str(operation_id)
