@@ -19,6 +19,13 @@ def connect_kwargs(settings: Settings) -> dict[str, object]:
     }
 
 
+def reset_session(conn: Connection[TupleRow]) -> None:
+    """Back to the server defaults when a connection returns to the pool: a unit of work's SERIALIZABLE
+    must not leak into the next borrower's plain reads."""
+    conn.isolation_level = None
+    conn.read_only = None
+
+
 def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
     """A connection pool, opened and waited for so a bad URL fails at start-up, not on first use."""
     pool: ConnectionPool = ConnectionPool(
@@ -26,6 +33,7 @@ def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int 
         min_size=settings.db_pool_min if min_size is None else min_size,
         max_size=settings.db_pool_max if max_size is None else max_size,
         kwargs=connect_kwargs(settings),
+        reset=reset_session,
         open=False,
         name="cleanledger",
     )
