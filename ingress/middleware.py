@@ -29,7 +29,6 @@ log = structlog.get_logger("ingress")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM_JSON = "application/problem+json"
 TENANT = web.RequestKey("tenant", str)
-API_KEY = web.RequestKey("api_key", ApiKey)
 # Most API keys an ingress process remembers at once (least recently used are dropped first).
 API_KEY_CACHE_SIZE = 10_000
 
@@ -139,7 +138,6 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             raise Unauthorized("the API key is unknown or revoked")
         cache.put(digest, key)
     request[TENANT] = key.tenant_id
-    request[API_KEY] = key
     structlog.contextvars.bind_contextvars(tenant_id=key.tenant_id)
     decision = await ingress.limiter.take(str(key.id))
     if not decision.allowed:

@@ -62,8 +62,8 @@ class Ledger(abc.ABC):
 class IdempotencyStore(abc.ABC):
     @abc.abstractmethod
     def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
-        """Claim (tenant, key) for this operation. None: claimed now. Otherwise the key's existing record,
-        locked until the end of the unit of work."""
+        """Claim (tenant, key) for this operation. None: claimed now. Otherwise the key's existing record; a
+        unit that then settles it must not commit if another unit settled it concurrently."""
 
     @abc.abstractmethod
     def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:

@@ -22,6 +22,7 @@ from core.domain.money import Money
 from core.settings import Settings
 from ingress.app import init_app
 from tests.processes import ManagedProcess
+from tests.services import delete_queues
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 CLOSED_PORT_AMQP = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -279,15 +280,15 @@ async def test_prefer_wait_answers_202_when_not_settled_in_time(
 ) -> None:
     # No worker consumes this queue, so nothing settles.
     lonely = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.unconsumed")
-    node = await aiohttp_client(init_app(lonely))
-    started = asyncio.get_running_loop().time()
-    status, doc = await post(node, "/v1/accounts", api_key, {"currency": "EUR"}, wait=1)
-    assert status == 202
-    assert doc["status"] == "pending"
-    assert 0.9 <= asyncio.get_running_loop().time() - started < 5
-    from tests.services import delete_queues
-
-    delete_queues(lonely)
+    try:
+        node = await aiohttp_client(init_app(lonely))
+        started = asyncio.get_running_loop().time()
+        status, doc = await post(node, "/v1/accounts", api_key, {"currency": "EUR"}, wait=1)
+        assert status == 202
+        assert doc["status"] == "pending"
+        assert 0.9 <= asyncio.get_running_loop().time() - started < 5
+    finally:
+        delete_queues(lonely)
 
 
 # --- failure modes -------------------------------------------------------------------------------------------

@@ -18,12 +18,10 @@ class EnqueueState:
     age_s: float  # seconds since the operation was recorded, by the database's clock
 
 
-MARK_ENQUEUED = "UPDATE operations SET last_enqueued_at = now() WHERE id = %s"
-
-
 def mark_enqueued(pool: ConnectionPool, operation_id: UUID) -> None:
+    """Record that RabbitMQ confirmed the operation's command (ingress, after the publish)."""
     with pool.connection() as conn:
-        conn.execute(MARK_ENQUEUED, (operation_id,))
+        mark_enqueued_in(conn, operation_id)
 
 
 def enqueue_state(pool: ConnectionPool, tenant_id: str, operation_id: UUID) -> EnqueueState | None:
@@ -49,4 +47,5 @@ def lock_stale_pending(conn: Connection[TupleRow], *, older_than_s: float, limit
 
 
 def mark_enqueued_in(conn: Connection[TupleRow], operation_id: UUID) -> None:
-    conn.execute(MARK_ENQUEUED, (operation_id,))
+    """`mark_enqueued` inside the caller's transaction (the sweeper's)."""
+    conn.execute("UPDATE operations SET last_enqueued_at = now() WHERE id = %s", (operation_id,))

@@ -156,11 +156,14 @@ class PostgresIdempotency(IdempotencyStore):
         self.conn = conn
 
     def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
-        cur = self.conn.cursor()
-        # One statement: the operation row is inserted only when the key was claimed, because the CTE feeds
-        # it. A concurrent claim of the same key makes this wait, then fail with 40001 (retried) once the
-        # other commits, so the retry finds the key below and replays.
-        row = cur.execute(
+        # One statement, one round trip, whether the key is new (sync path) or was recorded by the ingress
+        # (queue path): the CTE inserts the key and its operation, or else the last SELECT returns the
+        # existing key. That SELECT only runs when the insert did nothing, so a fresh claim reads no index
+        # page (a SERIALIZABLE predicate lock there would make unrelated claims conflict). A concurrent
+        # claim of the same key makes the INSERT wait, then fail with 40001 once the other commits; the
+        # retry finds the key and replays. Two deliveries settling one pending key both update its row and
+        # lock the same accounts, so SERIALIZABLE lets only one of them commit.
+        row = self.conn.execute(
             "WITH claimed AS ("
             "  INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
             "  VALUES (%(tenant)s, %(key)s, %(fp)s, %(op)s)"
@@ -168,7 +171,10 @@ class PostgresIdempotency(IdempotencyStore):
             "), op AS ("
             "  INSERT INTO operations (id, tenant_id, command_type, request)"
             "  SELECT operation_id, %(tenant)s, %(type)s, %(request)s FROM claimed RETURNING id"
-            ") SELECT id FROM op",
+            ") SELECT true, NULL, NULL, NULL, NULL FROM op"
+            " UNION ALL"
+            " SELECT false, fingerprint, operation_id, status, response FROM idempotency_keys"
+            " WHERE tenant_id = %(tenant)s AND key = %(key)s AND NOT EXISTS (SELECT 1 FROM claimed)",
             {
                 "tenant": command.tenant_id,
                 "key": key,
@@ -178,16 +184,11 @@ class PostgresIdempotency(IdempotencyStore):
                 "request": Jsonb(command.to_json()),
             },
         ).fetchone()
-        if row is not None:
-            return None
-        existing = cur.execute(
-            "SELECT fingerprint, operation_id, status, response FROM idempotency_keys"
-            " WHERE tenant_id = %s AND key = %s FOR UPDATE",
-            (command.tenant_id, key),
-        ).fetchone()
-        if existing is None:  # the conflicting claim rolled back between our two statements
+        if row is None:  # the conflicting claim rolled back while we waited on it
             raise TransientConflict("idempotency key claim raced with a rollback")
-        fp, op_id, status, response = existing
+        claimed, fp, op_id, status, response = row
+        if claimed:
+            return None
         return ExistingKey(fp, operation_from_row(op_id, status, response))
 
     def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:

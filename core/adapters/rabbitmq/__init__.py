@@ -1,10 +1,10 @@
-"""RabbitMQ adapters: publishing the ledger's events."""
+"""RabbitMQ adapters: commands onto the queue, the ledger's events onto `ledger.events`."""
 
+from core.adapters.rabbitmq.connection import connection_parameters
 from core.adapters.rabbitmq.events import (
     EVENTS_EXCHANGE,
     EventPublisher,
     PublishError,
-    connection_parameters,
     declare_events_exchange,
     event_body,
 )

@@ -8,35 +8,23 @@ responsibility for the (persistent) message, and raises `BrokerUnavailable` othe
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from uuid import UUID
 
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command
 
 # The actor the workers register for commands (workers/actors.py).
 EXECUTE_ACTOR = "execute_command"
-# pika connection parameters added unless the URL sets them: fail fast instead of hanging a request.
-FAST_FAIL_PARAMETERS = {
-    "connection_attempts": "1",
-    "retry_delay": "0",
-    "socket_timeout": "2",
-    "blocked_connection_timeout": "5",
-}
+# Bounds of one publish from an HTTP request, in seconds: connecting, and waiting out a blocked broker.
+CONNECT_TIMEOUT_S = 2.0
+BLOCKED_TIMEOUT_S = 5.0
 
 
 class BrokerUnavailable(Exception):
     """RabbitMQ did not confirm the message."""
-
-
-def with_fast_fail(url: str) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    for name, value in FAST_FAIL_PARAMETERS.items():
-        query.setdefault(name, value)
-    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def command_message(
@@ -55,7 +43,10 @@ def command_message(
 class CommandPublisher:
     def __init__(self, amqp_url: str, *, queue_name: str) -> None:
         self.queue_name = queue_name
-        self.broker = RabbitmqBroker(url=with_fast_fail(amqp_url), confirm_delivery=True)
+        self.broker = RabbitmqBroker(
+            url=bounded_url(amqp_url, connect_timeout_s=CONNECT_TIMEOUT_S, blocked_timeout_s=BLOCKED_TIMEOUT_S),
+            confirm_delivery=True,
+        )
 
     def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
         message = command_message(

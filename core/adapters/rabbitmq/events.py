@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
 
 import pika
 import pika.exceptions
 import structlog
 
+from core.adapters.rabbitmq.connection import connection_parameters
 from core.application.ports import Event
 from core.settings import Settings
 
@@ -36,29 +36,6 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OS
 class PublishError(RuntimeError):
     """The broker was unreachable, closed on us, or did not confirm a message. Whether messages published
     before the failure were delivered is unknown; the caller must treat the whole batch as unpublished."""
-
-
-def connection_parameters(
-    url: str, *, connect_timeout: float = 5.0, blocked_timeout: float = 30.0
-) -> pika.URLParameters:
-    """`pika.URLParameters` for `url` with bounded waits; anything set in the URL's query string wins.
-
-    connect_timeout (seconds): caps both the TCP connect (`socket_timeout`) and the whole TCP/TLS/AMQP
-    bring-up (`stack_timeout`); one connection attempt.
-    blocked_timeout (seconds): how long a publish may wait while the broker blocks publishers (memory or
-    disk alarm) before the connection is dropped (`blocked_connection_timeout`).
-    """
-    params = pika.URLParameters(url)
-    given = parse_qs(urlsplit(url).query)
-    if "socket_timeout" not in given:
-        params.socket_timeout = connect_timeout
-    if "stack_timeout" not in given:
-        params.stack_timeout = connect_timeout
-    if "connection_attempts" not in given:
-        params.connection_attempts = 1
-    if "blocked_connection_timeout" not in given:
-        params.blocked_connection_timeout = blocked_timeout
-    return params
 
 
 def declare_events_exchange(channel: Any, exchange: str = EVENTS_EXCHANGE) -> None:
