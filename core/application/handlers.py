@@ -56,7 +56,7 @@ def execute(
     """
     fingerprint = command.fingerprint()
     op_id = operation_id or new_id()
-    with uow:
+    with uow.writing(command.tenant_id, _written_accounts(command)):
         existing = uow.idempotency.claim(command, key=idempotency_key, fingerprint=fingerprint, operation_id=op_id)
         if existing is not None:
             known = _known_operation(existing, fingerprint, idempotency_key)
@@ -193,6 +193,15 @@ def _change_status(command: ChangeAccountStatus, uow: UnitOfWork, now: datetime)
     body = account_json(account)
     uow.outbox.stage(Event("account.status_changed", command.tenant_id, {"account": body}, now))
     return {"account": body}
+
+
+def _written_accounts(command: Command) -> list[UUID]:
+    """The accounts a command may lock and write, known before it runs."""
+    if isinstance(command, Credit | Debit | Transfer):
+        return [account_id for account_id, _ in _legs(command, command.tenant_id)[1]]
+    if isinstance(command, ChangeAccountStatus):
+        return [command.account_id]
+    return []
 
 
 def _legs(command: PostingCommand, tenant_id: str) -> tuple[TransactionKind, list[tuple[UUID, int]]]:

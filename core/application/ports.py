@@ -35,6 +35,14 @@ class Event:
     id: UUID = field(default_factory=new_id)
 
 
+@dataclass(frozen=True, slots=True)
+class WriteSet:
+    """The accounts a unit of work will lock and write, declared before it starts."""
+
+    tenant_id: str
+    account_ids: frozenset[UUID]
+
+
 class AccountRepository(abc.ABC):
     @abc.abstractmethod
     def add(self, account: Account) -> bool:
@@ -87,6 +95,16 @@ class UnitOfWork(abc.ABC):
     ledger: Ledger
     idempotency: IdempotencyStore
     outbox: Outbox
+    write_set: WriteSet | None = None
+
+    def writing(self, tenant_id: str, account_ids: Collection[UUID]) -> Self:
+        """Declare, before entering, the accounts this unit will lock and write.
+
+        The unit then waits for their other writers before it takes its snapshot, so a hot account makes
+        writers queue instead of failing each other with serialization errors and retrying at random.
+        """
+        self.write_set = WriteSet(tenant_id, frozenset(account_ids)) if account_ids else None
+        return self
 
     def __enter__(self) -> Self:
         return self

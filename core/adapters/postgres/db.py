@@ -8,6 +8,8 @@ from psycopg_pool import ConnectionPool
 
 from core.settings import Settings
 
+PREPARE_THRESHOLD = 5  # executions of a query before psycopg prepares it server-side (its default)
+
 
 def connect_kwargs(settings: Settings) -> dict[str, object]:
     return {
@@ -20,8 +22,10 @@ def connect_kwargs(settings: Settings) -> dict[str, object]:
 
 
 def reset_session(conn: Connection[TupleRow]) -> None:
-    """Back to the server defaults when a connection returns to the pool: a unit of work's SERIALIZABLE
-    must not leak into the next borrower's plain reads."""
+    """Back to the defaults when a connection returns to the pool: a unit of work's settings must not
+    leak into the next borrower's plain reads."""
+    conn.autocommit = False  # a unit of work runs its own BEGIN/COMMIT in autocommit
+    conn.prepare_threshold = PREPARE_THRESHOLD
     conn.isolation_level = None
     conn.read_only = None
 

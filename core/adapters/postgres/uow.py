@@ -1,7 +1,13 @@
 """PostgreSQL unit of work: one SERIALIZABLE transaction per use-case call, in pipeline mode.
 
-Round trips on the hot path (a fresh posting): BEGIN + idempotency claim (1), account locks (1), then
-transaction, entries, balances, key, outbox and COMMIT queued together and flushed at commit (1).
+A unit that declared its write set (the accounts it will write) first queues behind their other writers
+on session advisory locks, taken in key order in autocommit before BEGIN (1 round trip). Only then does it
+begin and take its snapshot, so it never meets a newer version of a row it locks: without this, every
+writer that waited on a hot account's row lock would fail with 40001 "concurrent update" once the holder
+committed, and hot accounts would turn into a lottery of retries. The row locks (`SELECT ... FOR UPDATE`)
+are queued with BEGIN and sent with the idempotency claim (1). Transaction, entries, balances, key,
+outbox, COMMIT and the advisory unlock are queued together and flushed at commit (1).
+
 SQLSTATE 40001 (serialization failure), 40P01 (deadlock) and 55P03 (lock timeout) become
 `TransientConflict` so the application's retry policy re-runs the whole unit.
 """
@@ -9,13 +15,14 @@ SQLSTATE 40001 (serialization failure), 40P01 (deadlock) and 55P03 (lock timeout
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
 import psycopg
-from psycopg import Connection, IsolationLevel
+from psycopg import Connection, Cursor, Pipeline
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -29,6 +36,7 @@ from core.application.ports import (
     Ledger,
     Outbox,
     UnitOfWork,
+    WriteSet,
 )
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import TransientConflict
@@ -40,6 +48,15 @@ RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 ACCOUNT_COLUMNS = (
     "id, tenant_id, currency, kind, overdraft_limit, status, posted_balance, version, metadata, created_at"
 )
+# ORDER BY id: every transaction takes its row locks in the same global order, so A->B and B->A transfers
+# queue behind each other instead of deadlocking.
+LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) AND tenant_id = %s ORDER BY id FOR UPDATE"
+
+
+def advisory_key(account_id: UUID) -> int:
+    """An account's session advisory lock key: its id's last 8 bytes as a signed bigint (random bits in
+    both uuid7 and uuid5 ids). Two accounts sharing a key merely queue behind each other."""
+    return int.from_bytes(account_id.bytes[8:], "big", signed=True)
 
 
 def account_from_row(row: Sequence[Any]) -> Account:
@@ -69,8 +86,10 @@ def raise_if_retryable(exc: psycopg.Error) -> None:
 
 
 class PostgresAccounts(AccountRepository):
-    def __init__(self, conn: Connection[TupleRow]) -> None:
+    def __init__(self, conn: Connection[TupleRow], *, prelocked: Cursor[TupleRow] | None = None) -> None:
         self.conn = conn
+        self._prelocked_cursor = prelocked  # the write set's rows, locked as the unit began
+        self._prelocked: dict[UUID, Account] | None = None
 
     def add(self, account: Account) -> bool:
         row = self.conn.execute(
@@ -90,12 +109,13 @@ class PostgresAccounts(AccountRepository):
         return row is not None
 
     def lock(self, tenant_id: str, ids: Collection[UUID]) -> dict[UUID, Account]:
-        # ORDER BY id: every transaction takes its locks in the same global order, so A->B and B->A
-        # transfers queue behind each other instead of deadlocking.
-        rows = self.conn.execute(
-            f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) AND tenant_id = %s ORDER BY id FOR UPDATE",
-            (list(ids), tenant_id),
-        ).fetchall()
+        if self._prelocked_cursor is not None:
+            if self._prelocked is None:
+                self._prelocked = {row[0]: account_from_row(row) for row in self._prelocked_cursor.fetchall()}
+            if all(account_id in self._prelocked for account_id in ids):
+                return {account_id: self._prelocked[account_id] for account_id in ids}
+        # Not all locked up front (an unknown id, or an external account created by this unit): ask again.
+        rows = self.conn.execute(LOCK_ACCOUNTS, (list(ids), tenant_id)).fetchall()
         return {row[0]: account_from_row(row) for row in rows}
 
     def ensure_external(self, tenant_id: str, currency: str) -> None:
@@ -219,42 +239,91 @@ class PostgresOutbox(Outbox):
 
 
 class PostgresUnitOfWork(UnitOfWork):
-    """Borrows a pooled connection for one SERIALIZABLE transaction and gives it back on exit."""
+    """Borrows a pooled connection for one SERIALIZABLE transaction and gives it back on exit.
+
+    The connection runs in autocommit with explicit BEGIN/COMMIT so the advisory locks of the write set can
+    be taken before the transaction starts. They are released with COMMIT or ROLLBACK; a connection that
+    might still hold them is closed rather than returned to the pool.
+    """
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
 
     def __enter__(self) -> Self:
-        self._stack = ExitStack()
-        self.conn: Connection[TupleRow] = self._stack.enter_context(self.pool.connection())
-        self.conn.isolation_level = IsolationLevel.SERIALIZABLE
-        self._stack.enter_context(self.conn.pipeline())
+        self._borrowed: AbstractContextManager[Connection[TupleRow]] = self.pool.connection()
+        self.conn: Connection[TupleRow] = self._borrowed.__enter__()
+        self._pipeline: AbstractContextManager[Pipeline] | None = None
+        self._holds_advisory_locks = False
+        try:
+            prelocked = self._begin(self.write_set)
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         self.idempotency = PostgresIdempotency(self.conn)
-        self.accounts = PostgresAccounts(self.conn)
+        self.accounts = PostgresAccounts(self.conn, prelocked=prelocked)
         self.ledger = PostgresLedger(self.conn)
         self.outbox = PostgresOutbox(self.conn)
         return self
 
+    def _begin(self, write_set: WriteSet | None) -> Cursor[TupleRow] | None:
+        self.conn.autocommit = True  # reset_session turns it off again when the connection goes back
+        # No server-side prepared statements here: psycopg forgets its prepared statements on rollback(), not
+        # on an explicit ROLLBACK, and a pipeline aborted by a conflict can skip a Parse it counted as done.
+        self.conn.prepare_threshold = None
+        if write_set is not None:
+            self._holds_advisory_locks = True  # before asking: a timeout on the second key keeps the first
+            with self.conn.pipeline():
+                for key in sorted({advisory_key(account_id) for account_id in write_set.account_ids}):
+                    self.conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        pipeline = self._pipeline = self.conn.pipeline()
+        pipeline.__enter__()
+        self.conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        # Point lookups by primary key must stay index scans even on a small table: a sequential scan would
+        # take a relation-wide SIREAD lock and make every concurrent writer of the table a conflict.
+        self.conn.execute("SELECT set_config('enable_seqscan', 'off', true)")
+        if write_set is None:
+            return None
+        return self.conn.execute(LOCK_ACCOUNTS, (sorted(write_set.account_ids), write_set.tenant_id))
+
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        errors: list[psycopg.Error] = []
         try:
-            self.rollback()
-        except psycopg.Error:
-            if exc is None:
-                raise
+            if self._pipeline is not None:
+                pipeline, self._pipeline = self._pipeline, None
+                try:
+                    pipeline.__exit__(exc_type, exc, tb)  # flushes what is still queued; its errors surface here
+                except psycopg.Error as error:
+                    errors.append(error)
+            if self.conn.info.transaction_status is not TransactionStatus.IDLE or self._holds_advisory_locks:
+                self._end("ROLLBACK")
+        except psycopg.Error as error:
+            errors.append(error)
         finally:
-            self._stack.__exit__(exc_type, exc, tb)
+            if self._holds_advisory_locks and not self.conn.closed:
+                self.conn.close()  # the pool discards it and the server drops its locks
+            self._borrowed.__exit__(exc_type, exc, tb)
+        if exc is None and errors:
+            raise_if_retryable(errors[0])
+            raise errors[0]
         if isinstance(exc, psycopg.Error):
             raise_if_retryable(exc)
 
+    def _end(self, statement: str) -> None:
+        """COMMIT or ROLLBACK (a no-op outside a transaction) and drop the advisory locks, one round trip."""
+        with self.conn.pipeline():  # leaving it syncs: any error, a failed COMMIT included, raises here
+            self.conn.execute(statement)
+            if self._holds_advisory_locks:
+                self.conn.execute("SELECT pg_advisory_unlock_all()")
+        self._holds_advisory_locks = False
+
     def commit(self) -> None:
         try:
-            self.conn.commit()
+            self._end("COMMIT")
         except psycopg.Error as exc:
             raise_if_retryable(exc)
             raise
 
     def rollback(self) -> None:
-        if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            self.conn.rollback()
+        self._end("ROLLBACK")
