@@ -267,20 +267,17 @@ class PostgresUnitOfWork(UnitOfWork):
 
     def _begin(self, write_set: WriteSet | None) -> Cursor[TupleRow] | None:
         self.conn.autocommit = True  # reset_session turns it off again when the connection goes back
-        # No server-side prepared statements here: psycopg forgets its prepared statements on rollback(), not
-        # on an explicit ROLLBACK, and a pipeline aborted by a conflict can skip a Parse it counted as done.
-        self.conn.prepare_threshold = None
         if write_set is not None:
             self._holds_advisory_locks = True  # before asking: a timeout on the second key keeps the first
             with self.conn.pipeline():
                 for key in sorted({advisory_key(account_id) for account_id in write_set.account_ids}):
-                    self.conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                    self.conn.execute("SELECT pg_advisory_lock(%s)", (key,), prepare=False)
         pipeline = self._pipeline = self.conn.pipeline()
         pipeline.__enter__()
-        self.conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        self.conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE", prepare=False)
         # Point lookups by primary key must stay index scans even on a small table: a sequential scan would
         # take a relation-wide SIREAD lock and make every concurrent writer of the table a conflict.
-        self.conn.execute("SELECT set_config('enable_seqscan', 'off', true)")
+        self.conn.execute("SELECT set_config('enable_seqscan', 'off', true)", prepare=False)
         if write_set is None:
             return None
         return self.conn.execute(LOCK_ACCOUNTS, (sorted(write_set.account_ids), write_set.tenant_id))
@@ -296,6 +293,10 @@ class PostgresUnitOfWork(UnitOfWork):
                     pipeline.__exit__(exc_type, exc, tb)  # flushes what is still queued; its errors surface here
                 except psycopg.Error as error:
                     errors.append(error)
+            if self.conn.info.transaction_status is TransactionStatus.INERROR:
+                # psycopg's own rollback also forgets the prepared statements whose Parse the failed
+                # pipeline skipped (the unlock and transaction control below are never prepared).
+                self.conn.rollback()
             if self.conn.info.transaction_status is not TransactionStatus.IDLE or self._holds_advisory_locks:
                 self._end("ROLLBACK")
         except psycopg.Error as error:
@@ -313,9 +314,9 @@ class PostgresUnitOfWork(UnitOfWork):
     def _end(self, statement: str) -> None:
         """COMMIT or ROLLBACK (a no-op outside a transaction) and drop the advisory locks, one round trip."""
         with self.conn.pipeline():  # leaving it syncs: any error, a failed COMMIT included, raises here
-            self.conn.execute(statement)
+            self.conn.execute(statement, prepare=False)
             if self._holds_advisory_locks:
-                self.conn.execute("SELECT pg_advisory_unlock_all()")
+                self.conn.execute("SELECT pg_advisory_unlock_all()", prepare=False)
         self._holds_advisory_locks = False
 
     def commit(self) -> None:
