@@ -297,8 +297,9 @@ class PostgresUnitOfWork(UnitOfWork):
                 # psycopg's own rollback also forgets the prepared statements whose Parse the failed
                 # pipeline skipped (the unlock and transaction control below are never prepared).
                 self.conn.rollback()
-            if self.conn.info.transaction_status is not TransactionStatus.IDLE or self._holds_advisory_locks:
-                self._end("ROLLBACK")
+            in_transaction = self.conn.info.transaction_status is not TransactionStatus.IDLE
+            if in_transaction or self._holds_advisory_locks:
+                self._end("ROLLBACK" if in_transaction else None)
         except psycopg.Error as error:
             errors.append(error)
         finally:
@@ -311,10 +312,11 @@ class PostgresUnitOfWork(UnitOfWork):
         if isinstance(exc, psycopg.Error):
             raise_if_retryable(exc)
 
-    def _end(self, statement: str) -> None:
-        """COMMIT or ROLLBACK (a no-op outside a transaction) and drop the advisory locks, one round trip."""
+    def _end(self, statement: str | None) -> None:
+        """COMMIT or ROLLBACK, and drop the advisory locks, in one round trip."""
         with self.conn.pipeline():  # leaving it syncs: any error, a failed COMMIT included, raises here
-            self.conn.execute(statement, prepare=False)
+            if statement is not None:
+                self.conn.execute(statement, prepare=False)
             if self._holds_advisory_locks:
                 self.conn.execute("SELECT pg_advisory_unlock_all()", prepare=False)
         self._holds_advisory_locks = False
