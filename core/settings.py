@@ -28,6 +28,10 @@ class Settings:
     rate_limit_burst: int = 200  # token-bucket capacity per API key, requests
     rate_limit_per_second: float = 100.0  # token refill per API key, requests per second
     api_key_cache_s: float = 30.0  # how long an ingress trusts a resolved API key (revocation delay), seconds
+    # Lookups of API keys an ingress has not cached (unknown secrets, mostly) cost a PostgreSQL query each:
+    # a token bucket per client address bounds them.
+    auth_lookup_burst: int = 100  # bucket capacity per client address, lookups
+    auth_lookup_per_second: float = 10.0  # refill per client address, lookups per second
     idempotency_cache_s: int = 24 * 3600  # Redis copy of key -> operation, seconds
     result_cache_s: int = 3600  # Redis copy of a settled operation, seconds
     broker_retry_after_s: int = 5  # Retry-After sent with 503 when RabbitMQ is unreachable, seconds

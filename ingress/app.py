@@ -42,6 +42,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress.limiter = TokenBucket(
         client, capacity=settings.rate_limit_burst, refill_per_second=settings.rate_limit_per_second
     )
+    ingress.auth_limiter = TokenBucket(
+        client, capacity=settings.auth_lookup_burst, refill_per_second=settings.auth_lookup_per_second
+    )
     ingress.waiter = SettlementWaiter(client)
     await ingress.waiter.start()
     yield

@@ -30,7 +30,8 @@ class Ingress:
     ledger: LedgerService = field(init=False)
     publisher: CommandPublisher = field(init=False)
     cache: OperationCache = field(init=False)
-    limiter: TokenBucket = field(init=False)
+    limiter: TokenBucket = field(init=False)  # requests per API key
+    auth_limiter: TokenBucket = field(init=False)  # uncached API-key lookups per client address
     waiter: SettlementWaiter = field(init=False)
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import ipaddress
 import re
 import time
 import uuid
@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from core.adapters.postgres.api_keys import ApiKey, find_api_key
+from core.adapters.postgres.api_keys import ApiKey, find_api_key, hash_secret
 from core.domain.errors import (
     LedgerError,
     MethodNotAllowed,
@@ -31,6 +31,8 @@ PROBLEM_JSON = "application/problem+json"
 TENANT = web.RequestKey("tenant", str)
 # Most API keys an ingress process remembers at once (least recently used are dropped first).
 API_KEY_CACHE_SIZE = 10_000
+# Most unknown or revoked secrets it remembers, in their own LRU.
+UNKNOWN_API_KEY_CACHE_SIZE = 10_000
 
 
 def problem_response(error: LedgerError, *, instance: str | None = None) -> web.Response:
@@ -94,29 +96,68 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 class ApiKeyCache:
-    """secret hash -> (key, expiry): saves a PostgreSQL round trip per request. Revocation takes effect within
-    `ttl_s` seconds; unknown secrets are never cached, so a new key works at once."""
+    """secret hash -> what PostgreSQL said of it (the key, or None: unknown or revoked), for `ttl_s` seconds.
+
+    Saves a PostgreSQL round trip per request, and one per retry of a wrong secret. Revocation takes effect
+    within `ttl_s`. A new key works at once: nobody can have tried its secret before it was created. Unknown
+    secrets have their own, smaller LRU so a flood of them cannot push the valid keys out.
+    """
 
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
-        self._entries: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+        self._known: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+        self._unknown: OrderedDict[str, tuple[None, float]] = OrderedDict()
 
-    def get(self, digest: str) -> ApiKey | None:
-        entry = self._entries.get(digest)
-        if entry is None or entry[1] < time.monotonic():
-            self._entries.pop(digest, None)
-            return None
-        self._entries.move_to_end(digest)
-        return entry[0]
+    def get(self, digest: str) -> tuple[bool, ApiKey | None]:
+        """(cached, key): (False, None) when PostgreSQL has to be asked."""
+        for entries in (self._known, self._unknown):
+            entry = entries.get(digest)
+            if entry is None:
+                continue
+            if entry[1] < time.monotonic():
+                del entries[digest]
+                return False, None
+            entries.move_to_end(digest)
+            return True, entry[0]
+        return False, None
 
-    def put(self, digest: str, key: ApiKey) -> None:
-        self._entries[digest] = (key, time.monotonic() + self.ttl_s)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > API_KEY_CACHE_SIZE:
-            self._entries.popitem(last=False)
+    def put(self, digest: str, key: ApiKey | None) -> None:
+        expires = time.monotonic() + self.ttl_s
+        if key is None:
+            _remember(self._unknown, digest, (None, expires), UNKNOWN_API_KEY_CACHE_SIZE)
+        else:
+            self._unknown.pop(digest, None)
+            _remember(self._known, digest, (key, expires), API_KEY_CACHE_SIZE)
+
+
+def _remember(entries: OrderedDict[str, Any], digest: str, entry: Any, size: int) -> None:
+    entries[digest] = entry
+    entries.move_to_end(digest)
+    while len(entries) > size:
+        entries.popitem(last=False)
 
 
 API_KEY_CACHE = web.AppKey("api_key_cache", ApiKeyCache)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's IP address. Behind the local nginx (a loopback peer) it is the last X-Forwarded-For hop,
+    the one nginx appended; any earlier hops came from the client and prove nothing."""
+    peer = request.remote or "unknown"
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and _is_loopback(peer):
+        try:
+            return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
+        except ValueError:
+            pass
+    return peer
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 @web.middleware
@@ -130,13 +171,18 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     secret = secret.strip()
     ingress = request.app[INGRESS]
     cache = request.app[API_KEY_CACHE]
-    digest = hashlib.sha256(secret.encode()).hexdigest()
-    key = cache.get(digest)
-    if key is None:
+    digest = hash_secret(secret)
+    cached, key = cache.get(digest)
+    if not cached:
+        address = client_address(request)
+        lookup = await ingress.auth_limiter.take(f"auth-lookup:{address}")
+        if not lookup.allowed:
+            log.warning("auth.lookups_limited", client=address)
+            raise RateLimited("too many unrecognised API keys from this address", retry_after=lookup.retry_after_s)
         key = await ingress.blocking(find_api_key, ingress.ledger.pool, secret)
-        if key is None:
-            raise Unauthorized("the API key is unknown or revoked")
         cache.put(digest, key)
+    if key is None:
+        raise Unauthorized("the API key is unknown or revoked")
     request[TENANT] = key.tenant_id
     structlog.contextvars.bind_contextvars(tenant_id=key.tenant_id)
     decision = await ingress.limiter.take(str(key.id))

@@ -213,6 +213,40 @@ async def test_api_key_is_required_and_checked(api: TestClient[Any, Any], ledger
     assert (await api.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(secret))).status == 401
 
 
+def some_client_address() -> str:
+    """A documentation-range address of this test's own, so its lookup bucket in the shared Redis is fresh."""
+    return f"198.51.100.{uuid.uuid4().int % 250 + 1}, 10.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}.7"
+
+
+async def test_unrecognised_api_keys_are_throttled_per_client_address(
+    aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    node = await aiohttp_client(
+        init_app(dataclasses.replace(settings, auth_lookup_burst=3, auth_lookup_per_second=0.2))
+    )
+    attacker = some_client_address()
+    path = f"/v1/accounts/{uuid.uuid4()}"
+
+    async def status(secret: str, forwarded_for: str) -> int:
+        headers = {"Authorization": f"Bearer {secret}", "X-Forwarded-For": forwarded_for}
+        return (await node.get(path, headers=headers)).status
+
+    # The same wrong secret again and again is answered from the ingress's memory: one lookup in all.
+    assert [await status("clk_the-same-guess", attacker) for _ in range(6)] == [401] * 6
+    # New guesses each cost a lookup: two more fit in the bucket of 3, then 429 with Retry-After.
+    guesses = [await status(f"clk_guess-{i}", attacker) for i in range(4)]
+    assert guesses == [401, 401, 429, 429]
+    response = await node.get(path, headers={"Authorization": "Bearer clk_x", "X-Forwarded-For": attacker})
+    assert response.status == 429
+    assert float(response.headers["Retry-After"]) >= 1
+    # Hops the client put before nginx's own are ignored: a forged first hop does not get a fresh bucket.
+    forged = f"203.0.113.9, {attacker.rsplit(', ', 1)[-1]}"
+    assert await status("clk_guess-forged", forged) == 429
+    # Another address, with a valid key this node has not seen yet, is served.
+    secret = create_api_key(ledger.pool, tenant)[1]
+    assert await status(secret, some_client_address()) == 404
+
+
 async def test_tenants_are_isolated(api: TestClient[Any, Any], api_key: str, ledger: LedgerService) -> None:
     mine = await new_account(api, api_key)
     _, credit_doc = await post(api, "/v1/credits", api_key, {"account_id": mine, "amount": 900, "currency": "USD"})
