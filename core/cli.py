@@ -10,6 +10,7 @@ from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
 from core.adapters.postgres.db import connect, open_pool
 from core.adapters.postgres.migrate import migrate
 from core.adapters.postgres.verify import verify
+from core.adapters.redis.revocations import announce_revoked
 from core.logs import configure_logging
 from core.settings import Settings
 
@@ -49,8 +50,14 @@ def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
         revoked = revoke_api_key(pool, UUID(args.key_id))
     finally:
         pool.close()
-    print("revoked" if revoked else "no such active key")
-    return 0 if revoked else 1
+    if not revoked:
+        print("no such active key")
+        return 1
+    if announce_revoked(settings.redis_url, UUID(args.key_id)):
+        print("revoked; the ingress nodes were told")
+    else:
+        print(f"revoked; Redis is unavailable, so ingress nodes may accept it for up to {settings.api_key_cache_s:g} s")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

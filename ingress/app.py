@@ -12,6 +12,7 @@ from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.client import async_client
 from core.adapters.redis.rate_limit import TokenBucket
+from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
 from core.bootstrap import bootstrap
 from core.logs import configure_logging
@@ -47,7 +48,11 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     ingress.waiter = SettlementWaiter(client)
     await ingress.waiter.start()
+    api_keys = app[API_KEY_CACHE]
+    ingress.revocations = RevocationListener(client, on_revoked=api_keys.forget, on_resync=api_keys.forget_all)
+    await ingress.revocations.start()
     yield
+    await ingress.revocations.close()
     await ingress.waiter.close()
     await client.aclose()
 

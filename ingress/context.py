@@ -14,6 +14,7 @@ from aiohttp import web
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.rate_limit import TokenBucket
+from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
 from core.bootstrap import LedgerService
 from core.settings import Settings
@@ -33,6 +34,7 @@ class Ingress:
     limiter: TokenBucket = field(init=False)  # requests per API key
     auth_limiter: TokenBucket = field(init=False)  # uncached API-key lookups per client address
     waiter: SettlementWaiter = field(init=False)
+    revocations: RevocationListener = field(init=False)
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""

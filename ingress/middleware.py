@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import OrderedDict
 from typing import Any
+from uuid import UUID
 
 import structlog
 from aiohttp import web
@@ -98,9 +99,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
 class ApiKeyCache:
     """secret hash -> what PostgreSQL said of it (the key, or None: unknown or revoked), for `ttl_s` seconds.
 
-    Saves a PostgreSQL round trip per request, and one per retry of a wrong secret. Revocation takes effect
-    within `ttl_s`. A new key works at once: nobody can have tried its secret before it was created. Unknown
-    secrets have their own, smaller LRU so a flood of them cannot push the valid keys out.
+    Saves a PostgreSQL round trip per request, and one per retry of a wrong secret. A revocation announced
+    over Redis takes effect at once (`forget`), otherwise within `ttl_s`. A new key works at once: nobody can
+    have tried its secret before it was created. Unknown secrets have their own LRU, so a flood of them cannot
+    push the valid keys out.
     """
 
     def __init__(self, ttl_s: float) -> None:
@@ -120,6 +122,14 @@ class ApiKeyCache:
             entries.move_to_end(digest)
             return True, entry[0]
         return False, None
+
+    def forget(self, key_id: UUID) -> None:
+        """A revoked key: its next request asks PostgreSQL again (a scan, but revocations are rare)."""
+        for digest in [d for d, (key, _) in self._known.items() if key.id == key_id]:
+            del self._known[digest]
+
+    def forget_all(self) -> None:
+        self._known.clear()
 
     def put(self, digest: str, key: ApiKey | None) -> None:
         expires = time.monotonic() + self.ttl_s

@@ -17,10 +17,12 @@ from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.application.commands import Credit
 from core.bootstrap import LedgerService
+from core.cli import main as cli_main
 from core.domain.ids import new_id
 from core.domain.money import Money
 from core.settings import Settings
 from ingress.app import init_app
+from ingress.context import INGRESS
 from tests.processes import ManagedProcess
 from tests.services import delete_queues
 
@@ -211,6 +213,28 @@ async def test_api_key_is_required_and_checked(api: TestClient[Any, Any], ledger
         assert (await response.json(content_type=None))["code"] == "unauthorized"
     revoke_api_key(ledger.pool, key.id)
     assert (await api.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(secret))).status == 401
+
+
+async def test_a_revoked_key_stops_working_at_once_on_every_node(
+    aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    # Nodes that would trust a cached key for 10 minutes: only the announcement can explain a quick 401.
+    trusting = dataclasses.replace(settings, api_key_cache_s=600)
+    nodes = [await aiohttp_client(init_app(trusting)) for _ in range(2)]
+    key, secret = create_api_key(ledger.pool, tenant)
+    path = f"/v1/accounts/{uuid.uuid4()}"
+    for node in nodes:
+        await asyncio.wait_for(node.app[INGRESS].revocations.subscribed.wait(), 5)
+        assert (await node.get(path, headers=headers(secret))).status == 404  # known, and now cached
+
+    assert cli_main(["--database-url", settings.database_url, "revoke-api-key", str(key.id)]) == 0
+
+    deadline = asyncio.get_running_loop().time() + 5
+    for node in nodes:
+        while (status := (await node.get(path, headers=headers(secret))).status) != 401:
+            assert status == 404
+            assert asyncio.get_running_loop().time() < deadline, "the node still trusts the revoked key"
+            await asyncio.sleep(0.02)
 
 
 def some_client_address() -> str:

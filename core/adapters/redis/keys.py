@@ -6,6 +6,7 @@ import hashlib
 
 RATE_LIMIT_PREFIX = "cleanledger:ratelimit:"
 SETTLED_PREFIX = "cleanledger:settled:"
+API_KEY_REVOKED_CHANNEL = "cleanledger:api-key-revoked"  # message: the revoked key's id
 
 
 def idempotency_key(tenant_id: str, key: str) -> str:
