@@ -1,12 +1,14 @@
 """Posting throughput of the ledger core against pgbench on the same PostgreSQL, in the same run.
 
-    .venv/bin/python bench/postings.py [--seconds 15] [--clients 8] [--accounts 1000]
+    .venv/bin/python bench/postings.py [--seconds 15] [--clients 8] [--accounts 1000] [--kind transfer|credit]
 
 Baseline: pgbench's built-in TPC-B-like script (`-b tpcb-like`, SERIALIZABLE like us: 5 statements, 3
 UPDATEs and an INSERT per transaction) with the same number of clients for the same time. Ours: random
 transfers between `--accounts` funded accounts through `LedgerService.execute` (SERIALIZABLE, idempotency
-claim, row locks in id order, entries, balances, outbox, retries), one thread per client. Prints both rates
-and their ratio; both run in fresh databases that are dropped afterwards.
+claim, row locks in id order, entries, balances, outbox, retries), one thread per client. `--kind credit`
+posts credits instead: every one of them also writes the tenant's single external USD account, so they queue
+on it (pgbench's hot spot is its 10 branch rows). Prints both rates and their ratio; both run in fresh
+databases that are dropped afterwards.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def pgbench(seconds: int, clients: int) -> float:
         drop_db(name)
 
 
-def ledger(seconds: int, clients: int, accounts: int) -> tuple[float, int, int]:
+def ledger(seconds: int, clients: int, accounts: int, kind: str) -> tuple[float, int, int]:
     name = f"bench_ledger_{uuid.uuid4().hex[:8]}"
     settings = Settings.from_env(database_url=create_db(name), log_level="WARNING")
     try:
@@ -107,11 +109,10 @@ def ledger(seconds: int, clients: int, accounts: int) -> tuple[float, int, int]:
         def client(n: int) -> None:
             rng = random.Random(n)
             while time.perf_counter() < deadline:
+                amount = Money.for_posting(rng.randint(1, 1000), "USD")
                 src, dst = rng.sample(ids, 2)
-                service.execute(
-                    Transfer("bench", src, dst, Money.for_posting(rng.randint(1, 1000), "USD")),
-                    idempotency_key=uuid.uuid4().hex,
-                )
+                command = Transfer("bench", src, dst, amount) if kind == "transfer" else Credit("bench", dst, amount)
+                service.execute(command, idempotency_key=uuid.uuid4().hex)
                 done[n] += 1
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -132,13 +133,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--kind", choices=["transfer", "credit"], default="transfer")
     args = parser.parse_args()
     configure_logging(level="WARNING")
     baseline = pgbench(args.seconds, args.clients)
-    rate, postings, retries = ledger(args.seconds, args.clients, args.accounts)
+    rate, postings, retries = ledger(args.seconds, args.clients, args.accounts, args.kind)
     print(f"pgbench tpcb-like (serializable): {baseline:,.0f} tps  clients={args.clients} seconds={args.seconds}")
     print(
-        f"ledger transfers:                 {rate:,.0f} postings/s  ({postings} postings, {retries} retries,"
+        f"ledger {args.kind + 's:':26}{rate:,.0f} postings/s  ({postings} postings, {retries} retries,"
         f" {args.accounts} accounts)"
     )
     print(f"ratio ledger/pgbench:             {rate / baseline:.2f}")
