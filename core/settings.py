@@ -41,6 +41,7 @@ class Settings:
     worker_min_backoff_ms: int = 200  # first retry delay, milliseconds (doubles, jittered)
     worker_max_backoff_ms: int = 30_000  # retry delay cap, milliseconds
     redeliver_after_s: int = 120  # a pending operation this old without a settlement is enqueued again
+    outbox_retention_s: int = 24 * 3600  # published events stay in the outbox this long, then the relay prunes them
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -15,6 +15,8 @@ events may arrive out of order, so consumers must not rely on it (entries carry 
 
 Between batches `run_forever` sleeps on LISTEN `cleanledger_outbox` (migration 0003 notifies on every
 INSERT into `outbox`, delivered at commit), with a periodic poll as a fallback for a lost notification.
+Now and then it also prunes events published more than `outbox_retention_s` ago: the outbox is a queue,
+not the record (the ledger's tables are), and left alone it would grow by one row per posting forever.
 
 Run it with `python -m workers.relay`; SIGTERM/SIGINT stop it after the batch in progress.
 """
@@ -50,6 +52,14 @@ SELECT_BATCH = (
     " WHERE published_at IS NULL ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE position = ANY(%s)"
+# Oldest positions first, along the primary key: the scan stops after `limit` old published rows, and rows
+# still waiting (never published) are skipped, never deleted.
+PRUNE_BATCH = (
+    "DELETE FROM outbox WHERE position IN (SELECT position FROM outbox"
+    " WHERE published_at < now() - make_interval(secs => %s) ORDER BY position LIMIT %s)"
+)
+PRUNE_BATCH_SIZE = 5_000  # rows deleted per statement, so a prune never holds many locks or runs long
+PRUNE_INTERVAL = 60.0  # seconds between two prunes by a running relay
 
 log = structlog.get_logger(__name__)
 
@@ -128,6 +138,25 @@ class OutboxRelay:
         log.info("outbox.published", count=len(rows), first_position=rows[0][0], last_position=rows[-1][0])
         return len(rows)
 
+    def prune(self) -> int:
+        """Delete events published more than `settings.outbox_retention_s` ago; returns how many."""
+        conn = self._db()
+        total = 0
+        try:
+            while True:
+                with conn.transaction():
+                    deleted = conn.execute(PRUNE_BATCH, (self.settings.outbox_retention_s, PRUNE_BATCH_SIZE)).rowcount
+                total += deleted
+                if deleted < PRUNE_BATCH_SIZE:
+                    break
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._close_db()
+            raise
+        if total:
+            log.info("outbox.pruned", count=total, retention_s=self.settings.outbox_retention_s)
+        return total
+
     def drain(self) -> int:
         """Run batches until one comes back short; returns the total published. Raises like `run_once`."""
         total = 0
@@ -146,9 +175,13 @@ class OutboxRelay:
         log.info("relay.started", batch_size=self.batch_size, poll_interval=self.poll_interval)
         backoff = 0.0
         failures = 0
+        next_prune = time.monotonic()
         try:
             while not stop.is_set():
                 try:
+                    if time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + PRUNE_INTERVAL
+                        self.prune()
                     # LISTEN before reading the table, so no commit falls between the read and the wait.
                     self._listen()
                     published = self.run_once()

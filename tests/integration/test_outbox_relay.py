@@ -153,6 +153,31 @@ def test_relay_publishes_each_staged_event_once(
     assert tap.take(tenant, timeout=0.3) == []
 
 
+def test_prune_deletes_only_events_published_before_the_retention(
+    ledger: LedgerService, tenant: str, relay: OutboxRelay, db: Db, settings: Settings
+) -> None:
+    for _ in range(3):
+        open_account(ledger, tenant)  # an account.created event each
+    (old, recent, waiting) = (event_id for event_id, _, _ in outbox_rows(db, tenant))
+    retention = settings.outbox_retention_s
+    db.execute(
+        "UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE event_id = %s",
+        (retention + 60, old),
+    )
+    db.execute(
+        "UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE event_id = %s",
+        (retention - 60, recent),
+    )
+    # Never published, though staged long ago: it must survive any prune.
+    db.execute(
+        "UPDATE outbox SET occurred_at = now() - make_interval(secs => %s) WHERE event_id = %s",
+        (retention * 2, waiting),
+    )
+
+    assert relay.prune() >= 1
+    assert {event_id for event_id, _, _ in outbox_rows(db, tenant)} == {recent, waiting}
+
+
 def test_rolled_back_unit_of_work_emits_nothing(
     ledger: LedgerService, tenant: str, tap: EventTap, relay: OutboxRelay, db: Db
 ) -> None:
