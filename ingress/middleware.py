@@ -109,6 +109,8 @@ class ApiKeyCache:
         self.ttl_s = ttl_s
         self._known: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
         self._unknown: OrderedDict[str, tuple[None, float]] = OrderedDict()
+        # Bumped by every forget: a lookup that started before a revocation must not cache its stale answer.
+        self.generation = 0
 
     def get(self, digest: str) -> tuple[bool, ApiKey | None]:
         """(cached, key): (False, None) when PostgreSQL has to be asked."""
@@ -125,13 +127,18 @@ class ApiKeyCache:
 
     def forget(self, key_id: UUID) -> None:
         """A revoked key: its next request asks PostgreSQL again (a scan, but revocations are rare)."""
+        self.generation += 1
         for digest in [d for d, (key, _) in self._known.items() if key.id == key_id]:
             del self._known[digest]
 
     def forget_all(self) -> None:
+        self.generation += 1
         self._known.clear()
 
-    def put(self, digest: str, key: ApiKey | None) -> None:
+    def put(self, digest: str, key: ApiKey | None, *, looked_up_at: int) -> None:
+        """Remember a lookup's answer, unless a key was forgotten since it started (`generation` then)."""
+        if looked_up_at != self.generation:
+            return
         expires = time.monotonic() + self.ttl_s
         if key is None:
             _remember(self._unknown, digest, (None, expires), UNKNOWN_API_KEY_CACHE_SIZE)
@@ -189,8 +196,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         if not lookup.allowed:
             log.warning("auth.lookups_limited", client=address)
             raise RateLimited("too many unrecognised API keys from this address", retry_after=lookup.retry_after_s)
+        generation = cache.generation
         key = await ingress.blocking(find_api_key, ingress.ledger.pool, secret)
-        cache.put(digest, key)
+        cache.put(digest, key, looked_up_at=generation)
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")
     request[TENANT] = key.tenant_id
