@@ -19,6 +19,9 @@ class Settings:
     db_pool_max: int = 16  # connections at most per process
     db_statement_timeout_ms: int = 5000  # a stuck statement fails instead of holding locks forever
     db_lock_timeout_ms: int = 3000  # waiting longer than this for a row lock counts as a conflict
+    # A client that stalls mid-transaction (stopped, swapping, a hung broker call) is cut off after this long,
+    # so the rows it locked do not block every other writer of those accounts; milliseconds.
+    db_idle_in_transaction_timeout_ms: int = 15_000
     # --- ingress -------------------------------------------------------------------------------------------
     ingress_host: str = "127.0.0.1"
     ingress_port: int = 8081

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import psycopg
 import pytest
 
+from core.adapters.postgres.db import connect
 from core.adapters.postgres.uow import PostgresUnitOfWork, advisory_key
 from core.application import handlers
 from core.application.commands import Credit, Debit
@@ -16,6 +19,7 @@ from core.application.views import OperationStatus
 from core.bootstrap import LedgerService
 from core.domain.ids import external_account_id
 from core.domain.money import Money
+from core.settings import Settings
 from tests.helpers import balance, credit, key, open_account
 
 WAIT_S = 10  # seconds; generous bound on steps that take milliseconds
@@ -117,3 +121,20 @@ def test_no_advisory_lock_outlives_its_unit_of_work(
     # The pool's connections are clean: postings on the account still go through.
     assert credit(ledger, tenant, account, 5).status is OperationStatus.SUCCEEDED
     assert balance(ledger, tenant, account) == 15
+
+
+def test_a_session_stalled_mid_transaction_is_cut_off_and_its_locks_freed(
+    ledger: LedgerService, tenant: str, settings: Settings
+) -> None:
+    account = open_account(ledger, tenant)
+    impatient = dataclasses.replace(settings, db_idle_in_transaction_timeout_ms=300)
+    with connect(impatient, autocommit=False) as stalled:
+        stalled.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))
+        time.sleep(0.6)  # the client stops talking while it holds the row
+        # Still connected on our side, yet the server has let go: a posting goes through on its first try.
+        posted = handlers.execute(
+            Credit(tenant, account, Money.for_posting(7, "USD")), uow=ledger.unit_of_work(), idempotency_key=key()
+        )
+        assert posted.status is OperationStatus.SUCCEEDED
+        with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            stalled.execute("SELECT 1")

@@ -16,6 +16,7 @@ def connect_kwargs(settings: Settings) -> dict[str, object]:
         "autocommit": False,
         "options": (
             f"-c statement_timeout={settings.db_statement_timeout_ms} -c lock_timeout={settings.db_lock_timeout_ms}"
+            f" -c idle_in_transaction_session_timeout={settings.db_idle_in_transaction_timeout_ms}"
         ),
         "application_name": "cleanledger",
     }
