@@ -52,11 +52,17 @@ SELECT_BATCH = (
     " WHERE published_at IS NULL ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE position = ANY(%s)"
-# Oldest positions first, along the primary key: the scan stops after `limit` old published rows, and rows
-# still waiting (never published) are skipped, never deleted.
+# Oldest positions first, along the primary key. The boundary is the first row that must stay (unpublished, or
+# published within the retention): every row below it may go. Both scans start at the table's low end, where
+# earlier prunes left nothing, so they read only what they return however long the outbox is; an old row
+# still unpublished holds the boundary back until the relay publishes it.
 PRUNE_BATCH = (
-    "DELETE FROM outbox WHERE position IN (SELECT position FROM outbox"
-    " WHERE published_at < now() - make_interval(secs => %s) ORDER BY position LIMIT %s)"
+    "WITH boundary AS (SELECT coalesce((SELECT position FROM outbox"
+    "   WHERE published_at IS NULL OR published_at >= now() - make_interval(secs => %s)"
+    "   ORDER BY position LIMIT 1), 9223372036854775807) AS position),"
+    " batch_end AS (SELECT max(position) AS position FROM (SELECT position FROM outbox"
+    "   WHERE position < (SELECT position FROM boundary) ORDER BY position LIMIT %s) AS batch)"
+    " DELETE FROM outbox WHERE position <= (SELECT position FROM batch_end)"
 )
 PRUNE_BATCH_SIZE = 5_000  # rows deleted per statement, so a prune never holds many locks or runs long
 PRUNE_INTERVAL = 60.0  # seconds between two prunes by a running relay

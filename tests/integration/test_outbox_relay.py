@@ -153,29 +153,34 @@ def test_relay_publishes_each_staged_event_once(
     assert tap.take(tenant, timeout=0.3) == []
 
 
-def test_prune_deletes_only_events_published_before_the_retention(
+def test_prune_deletes_old_published_events_up_to_the_first_one_that_must_stay(
     ledger: LedgerService, tenant: str, relay: OutboxRelay, db: Db, settings: Settings
 ) -> None:
     for _ in range(3):
         open_account(ledger, tenant)  # an account.created event each
-    (old, recent, waiting) = (event_id for event_id, _, _ in outbox_rows(db, tenant))
-    retention = settings.outbox_retention_s
-    db.execute(
-        "UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE event_id = %s",
-        (retention + 60, old),
-    )
-    db.execute(
-        "UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE event_id = %s",
-        (retention - 60, recent),
-    )
-    # Never published, though staged long ago: it must survive any prune.
-    db.execute(
-        "UPDATE outbox SET occurred_at = now() - make_interval(secs => %s) WHERE event_id = %s",
-        (retention * 2, waiting),
-    )
+    relay.drain()  # everything staged so far in the shared outbox is published now
+    (first, second, third) = (event_id for event_id, _, _ in outbox_rows(db, tenant))
+    age = settings.outbox_retention_s + 60
 
-    assert relay.prune() >= 1
-    assert {event_id for event_id, _, _ in outbox_rows(db, tenant)} == {recent, waiting}
+    def position(event_id: UUID) -> int:
+        row = db.execute("SELECT position FROM outbox WHERE event_id = %s", (event_id,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # Everything up to `second` was published long ago, except `first`, which is still waiting.
+    db.execute(
+        "UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE position <= %s",
+        (age, position(second)),
+    )
+    db.execute("UPDATE outbox SET published_at = NULL WHERE event_id = %s", (first,))
+    relay.prune()
+    assert db.execute("SELECT count(*) FROM outbox WHERE position < %s", (position(first),)).fetchone() == (0,)
+    # `first` waits, so nothing after it goes either, however old.
+    assert {event_id for event_id, _, _ in outbox_rows(db, tenant)} == {first, second, third}
+
+    db.execute("UPDATE outbox SET published_at = now() - make_interval(secs => %s) WHERE event_id = %s", (age, first))
+    assert relay.prune() == 2
+    assert {event_id for event_id, _, _ in outbox_rows(db, tenant)} == {third}  # published just now: kept
 
 
 def test_rolled_back_unit_of_work_emits_nothing(
