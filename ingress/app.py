@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from core.adapters.postgres.queries import ledger_id
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.client import async_client
@@ -39,7 +40,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
     settings = ingress.settings
     client = async_client(settings.redis_url)
-    ingress.cache = OperationCache(client)
+    ingress.cache = OperationCache(client, ledger_id=await ingress.blocking(ledger_id, ingress.ledger.pool))
     ingress.limiter = TokenBucket(
         client, capacity=settings.rate_limit_burst, refill_per_second=settings.rate_limit_per_second
     )

@@ -12,6 +12,7 @@ import pytest
 from psycopg import sql
 
 from core.adapters.postgres.migrate import migrate
+from core.adapters.postgres.queries import ledger_id
 from core.adapters.postgres.verify import verify
 from core.application.commands import ChangeAccountStatus, CreateAccount, Credit, Debit, Transfer
 from core.application.views import OperationResult, OperationStatus
@@ -229,6 +230,27 @@ def test_migrations_run_twice_are_a_no_op(settings: Settings, db: psycopg.Connec
     assert migrate(settings) == []
     after = db.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version").fetchall()
     assert before == after and len(before) >= 1
+
+
+def test_each_database_has_its_own_ledger_id_kept_across_migrations(settings: Settings, ledger: LedgerService) -> None:
+    first = ledger_id(ledger.pool)
+    assert uuid.UUID(first)
+    assert migrate(settings) == []
+    assert ledger_id(ledger.pool) == first
+    with psycopg.connect(settings.database_url, autocommit=True) as admin:
+        other = f"{admin.info.dbname}_other"
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
+    other_settings = dataclasses.replace(
+        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=other)
+    )
+    try:
+        migrate(other_settings)
+        with psycopg.connect(other_settings.database_url) as conn:
+            row = conn.execute("SELECT id FROM ledger_instance").fetchone()
+        assert row is not None and str(row[0]) != first
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(other)))
 
 
 def test_verify_passes_then_catches_a_tampered_balance(

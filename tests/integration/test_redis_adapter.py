@@ -37,6 +37,7 @@ from core.adapters.redis.keys import idempotency_key, rate_limit_key, result_key
 
 REDIS_URL = os.environ.get("CLEANLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOSED_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connections are refused at once
+LEDGER = str(uuid.uuid4())  # a ledger_instance id of this run's own
 
 
 def uid() -> str:
@@ -169,21 +170,29 @@ async def test_bucket_fails_open_when_redis_is_down(
 
 # --- operation cache --------------------------------------------------------------------------------------
 async def test_idempotency_key_round_trip(client: redis.asyncio.Redis) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     tenant, key, op = f"t-{uid()}", f"key {uid()} with spaces:and:colons", uid()
     assert await cache.lookup_key(tenant, key) is None
     await cache.remember_key(tenant, key, operation_id=op, fingerprint="sha256:abc", ttl_s=60)
     assert await cache.lookup_key(tenant, key) == CachedKey(operation_id=op, fingerprint="sha256:abc")
     assert await cache.lookup_key(f"t-{uid()}", key) is None  # keys are per tenant
-    name = idempotency_key(tenant, key)
-    assert name.startswith(f"cleanledger:idem:{tenant}:") and len(name.rsplit(":", 1)[1]) == 64
+    name = idempotency_key(LEDGER, tenant, key)
+    assert name.startswith(f"cleanledger:idem:{LEDGER}:{tenant}:") and len(name.rsplit(":", 1)[1]) == 64
     assert 0 < await client.ttl(name) <= 60
+
+
+async def test_a_recreated_database_never_meets_the_old_databases_keys(client: redis.asyncio.Redis) -> None:
+    old, recreated = OperationCache(client, ledger_id=LEDGER), OperationCache(client, ledger_id=str(uuid.uuid4()))
+    tenant = f"t-{uid()}"
+    await old.remember_key(tenant, "acct-alice", operation_id=uid(), fingerprint="sha256:abc", ttl_s=60)
+    assert await old.lookup_key(tenant, "acct-alice") is not None
+    assert await recreated.lookup_key(tenant, "acct-alice") is None
 
 
 async def test_result_round_trip_through_the_publisher(
     client: redis.asyncio.Redis, publisher: SettlementPublisher
 ) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     op = uid()
     assert await cache.get_result(op) is None
     document = {"operation_id": op, "status": "succeeded", "result": {"amount": 1000, "currency": "EUR"}}
@@ -193,10 +202,10 @@ async def test_result_round_trip_through_the_publisher(
 
 
 async def test_corrupt_entries_are_misses(client: redis.asyncio.Redis) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     op, tenant = uid(), f"t-{uid()}"
     await client.set(result_key(op), b"\xff not json", ex=60)
-    await client.set(idempotency_key(tenant, "k"), b'{"operation_id": 1}', ex=60)
+    await client.set(idempotency_key(LEDGER, tenant, "k"), b'{"operation_id": 1}', ex=60)
     assert await cache.get_result(op) is None
     assert await cache.lookup_key(tenant, "k") is None
 
@@ -204,7 +213,7 @@ async def test_corrupt_entries_are_misses(client: redis.asyncio.Redis) -> None:
 async def test_cache_misses_when_redis_is_down(
     dead_client: redis.asyncio.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = OperationCache(dead_client)
+    cache = OperationCache(dead_client, ledger_id=LEDGER)
     with capture_logs() as logs:
         monkeypatch.setattr(cache_module, "log", structlog.get_logger("test"))
         await cache.remember_key("t", "k", operation_id="op", fingerprint="f", ttl_s=60)
@@ -225,7 +234,7 @@ async def test_cache_misses_when_redis_is_down(
 async def test_waiter_is_woken_by_the_publish(
     client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
 ) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     op = uid()
     calls = 0
 
@@ -250,7 +259,7 @@ async def test_waiter_is_woken_by_the_publish(
 async def test_settlement_before_wait_is_seen_by_check(
     client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
 ) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     op = uid()
     await settle(publisher, op, {"operation_id": op, "status": "rejected"})
     started = time.monotonic()
@@ -263,7 +272,7 @@ async def test_settlement_before_wait_is_seen_by_check(
 async def test_concurrent_waiters_on_one_id_all_wake(
     client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
 ) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     op, other = uid(), uid()
     tasks = [asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op))) for _ in range(2)]
     bystander = asyncio.create_task(waiter.wait(other, 10, check=lambda: cache.get_result(other)))
@@ -284,7 +293,7 @@ async def test_concurrent_waiters_on_one_id_all_wake(
 async def test_many_waiters_on_different_ids(
     client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
 ) -> None:
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     ops = [uid() for _ in range(50)]
 
     def checker(op: str) -> Any:
@@ -360,7 +369,7 @@ async def test_waiter_recovers_when_its_connection_is_killed(
 ) -> None:
     waiter = SettlementWaiter(client, reconnect_initial_s=0.05)
     await waiter.start()
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     try:
         before = {c["id"] for c in await client.client_list(_type="pubsub")}
         op = uid()
@@ -395,7 +404,7 @@ async def test_idle_pings_keep_the_connection(
     client: redis.asyncio.Redis, publisher: SettlementPublisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waiter = SettlementWaiter(client, idle_ping_s=0.05)
-    cache = OperationCache(client)
+    cache = OperationCache(client, ledger_id=LEDGER)
     with capture_logs() as logs:
         monkeypatch.setattr(waiter_module, "log", structlog.get_logger("test"))
         await waiter.start()
@@ -446,7 +455,7 @@ async def test_waiter_connects_late_and_survives_a_server_stop(redis_server_bina
                 break
             await asyncio.sleep(0.05)
         assert waiter.connected
-        cache = OperationCache(client)
+        cache = OperationCache(client, ledger_id=LEDGER)
         sync = sync_client(url)
         publisher = SettlementPublisher(sync)
         op = uid()

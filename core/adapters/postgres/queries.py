@@ -37,6 +37,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
         raise RequestInvalid("cursor is not one this API returned") from None
 
 
+def ledger_id(pool: ConnectionPool) -> str:
+    """This database's identity (migration 0007)."""
+    with pool.connection() as conn:
+        row = conn.execute("SELECT id FROM ledger_instance").fetchone()
+    if row is None:  # pragma: no cover - migration 0007 inserts the row
+        raise RuntimeError("ledger_instance is empty: run `cleanledger migrate`")
+    return str(row[0])
+
+
 class PostgresQueries(LedgerQueries):
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool

@@ -27,21 +27,23 @@ class CachedKey:
 
 
 class OperationCache:
-    """Async, for the ingress. The client is the caller's (built by `client.async_client`)."""
+    """Async, for the ingress. The client is the caller's (built by `client.async_client`); `ledger_id` is the
+    database's `ledger_instance` id, which namespaces the idempotency keys."""
 
-    def __init__(self, client: redis.asyncio.Redis) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, ledger_id: str) -> None:
         self._client = client
+        self._ledger_id = ledger_id
 
     async def remember_key(self, tenant_id: str, key: str, *, operation_id: str, fingerprint: str, ttl_s: int) -> None:
         """Remember which operation an idempotency key belongs to, for `ttl_s` seconds (overwrites)."""
         value = json.dumps({"operation_id": operation_id, "fingerprint": fingerprint}, separators=(",", ":"))
         try:
-            await self._client.set(idempotency_key(tenant_id, key), value, ex=ttl_s)
+            await self._client.set(idempotency_key(self._ledger_id, tenant_id, key), value, ex=ttl_s)
         except REDIS_ERRORS as exc:
             log.warning("cache.redis_unavailable", op="remember_key", tenant_id=tenant_id, error=describe(exc))
 
     async def lookup_key(self, tenant_id: str, key: str) -> CachedKey | None:
-        raw = await self._get(idempotency_key(tenant_id, key), op="lookup_key")
+        raw = await self._get(idempotency_key(self._ledger_id, tenant_id, key), op="lookup_key")
         if raw is None:
             return None
         doc = _parse_object(raw)

@@ -9,9 +9,10 @@ SETTLED_PREFIX = "cleanledger:settled:"
 API_KEY_REVOKED_CHANNEL = "cleanledger:api-key-revoked"  # message: the revoked key's id
 
 
-def idempotency_key(tenant_id: str, key: str) -> str:
-    """The client's key is hashed: bounded length, and none of its characters end up in a Redis key name."""
-    return f"cleanledger:idem:{tenant_id}:{hashlib.sha256(key.encode()).hexdigest()}"
+def idempotency_key(ledger_id: str, tenant_id: str, key: str) -> str:
+    """Under the database's identity (`ledger_instance`), so a recreated database never meets old entries.
+    The client's key is hashed: bounded length, and none of its characters end up in a Redis key name."""
+    return f"cleanledger:idem:{ledger_id}:{tenant_id}:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def result_key(operation_id: str) -> str:
