@@ -88,6 +88,19 @@ async def never() -> dict[str, Any] | None:
     return None
 
 
+async def assert_woken_by_settlement(
+    waiter: SettlementWaiter, cache: OperationCache, publisher: SettlementPublisher, *, idle_s: float = 0.2
+) -> None:
+    """A waiter subscribed for `idle_s` seconds is woken by the settlement, well before its 10 s timeout."""
+    op = uid()
+    task = asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op)))
+    await asyncio.sleep(idle_s)
+    started = time.monotonic()
+    await settle(publisher, op, {"operation_id": op})
+    assert await asyncio.wait_for(task, 5) == {"operation_id": op}
+    assert time.monotonic() - started < 1
+
+
 async def numsub(client: redis.asyncio.Redis, channel: str) -> int:
     [(_, count)] = await client.pubsub_numsub(channel)
     return int(count)
@@ -389,13 +402,7 @@ async def test_waiter_recovers_when_its_connection_is_killed(
                 break
             await asyncio.sleep(0.05)
         assert waiter.connected
-        op2 = uid()
-        task = asyncio.create_task(waiter.wait(op2, 10, check=lambda: cache.get_result(op2)))
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
-        await settle(publisher, op2, {"operation_id": op2})
-        assert await asyncio.wait_for(task, 5) == {"operation_id": op2}
-        assert time.monotonic() - started < 1
+        await assert_woken_by_settlement(waiter, cache, publisher)
     finally:
         await waiter.close()
 
@@ -410,13 +417,7 @@ async def test_idle_pings_keep_the_connection(
         await waiter.start()
         try:
             await asyncio.sleep(0.5)  # idle, unsubscribed: about ten PINGs, each answered
-            op = uid()
-            task = asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op)))
-            await asyncio.sleep(0.5)  # idle while subscribed
-            started = time.monotonic()
-            await settle(publisher, op, {"operation_id": op})
-            assert await asyncio.wait_for(task, 5) == {"operation_id": op}
-            assert time.monotonic() - started < 1
+            await assert_woken_by_settlement(waiter, cache, publisher, idle_s=0.5)  # idle while subscribed
         finally:
             await waiter.close()
     assert [e for e in logs if e["event"] == "waiter.redis_unavailable"] == []  # never lost, never reconnected
@@ -458,13 +459,7 @@ async def test_waiter_connects_late_and_survives_a_server_stop(redis_server_bina
         cache = OperationCache(client, ledger_id=LEDGER)
         sync = sync_client(url)
         publisher = SettlementPublisher(sync)
-        op = uid()
-        task = asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op)))
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
-        await settle(publisher, op, {"operation_id": op})
-        assert await asyncio.wait_for(task, 5) == {"operation_id": op}
-        assert time.monotonic() - started < 1
+        await assert_woken_by_settlement(waiter, cache, publisher)
         sync.close()
 
         waiting = asyncio.create_task(waiter.wait(uid(), 10, check=never))
