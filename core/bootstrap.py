@@ -3,6 +3,7 @@ and the tests build the ledger through `bootstrap()`."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
@@ -11,11 +12,14 @@ from psycopg_pool import ConnectionPool
 from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.queries import PostgresQueries
 from core.adapters.postgres.uow import PostgresUnitOfWork
-from core.application import handlers
+from core.application import group_commit, handlers
 from core.application.commands import Command
+from core.application.group_commit import Outcome, Unsettled
 from core.application.retry import RetryPolicy
+from core.application.settle import Submission
 from core.application.views import OperationResult
 from core.domain.errors import LedgerError
+from core.domain.ids import new_id
 from core.settings import Settings
 
 
@@ -40,6 +44,23 @@ class LedgerService:
             operation_id=operation_id,
             retry=self.retry,
         )
+
+    def settle_group(self, submissions: Sequence[Submission]) -> list[Outcome]:
+        """Settle many commands with one commit (group commit); a failing one is isolated, see `settle_group`."""
+        return group_commit.settle_group(submissions, uow_factory=self.unit_of_work, retry=self.retry)
+
+    def execute_many(self, items: Sequence[tuple[Command, str]]) -> list[OperationResult]:
+        """Run many (command, idempotency key) pairs with one commit, answering in their order; for benchmarks
+        and bulk loads. Raises the first error that is not an outcome (a reused key, a command that failed)."""
+        outcomes = self.settle_group([Submission(command, key, new_id()) for command, key in items])
+        results: list[OperationResult] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Unsettled):
+                raise outcome.error
+            if isinstance(outcome, LedgerError):
+                raise outcome
+            results.append(outcome)
+        return results
 
     def accept(self, command: Command, *, idempotency_key: str, operation_id: UUID) -> OperationResult:
         """Record a command as a pending operation (ingress phase); the key's operation if already known."""

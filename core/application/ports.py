@@ -10,8 +10,8 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
-from core.application.commands import Command
 from core.application.views import OperationResult
+from core.domain.errors import ServiceUnavailable
 from core.domain.ids import new_id
 from core.domain.model import Account, Transaction
 
@@ -37,45 +37,73 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class WriteSet:
-    """The accounts a unit of work will lock and write, declared before it starts."""
+    """The accounts a unit of work will lock and write, declared before it starts (any tenants')."""
 
-    tenant_id: str
     account_ids: frozenset[UUID]
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A request to claim one (tenant, idempotency key) for one operation."""
+
+    tenant_id: str
+    key: str
+    fingerprint: str
+    operation_id: UUID
+    command_type: str
+    request: dict[str, Any]  # the command's JSON form, stored with the operation
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """A transaction to append, and the operation that posted it."""
+
+    transaction: Transaction
+    operation_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A settled outcome to store against its (tenant, idempotency key)."""
+
+    tenant_id: str
+    key: str
+    outcome: OperationResult
+
+
+# Set-based on purpose: a unit of work may settle many commands, and each port call is one statement.
 class AccountRepository(abc.ABC):
     @abc.abstractmethod
-    def add(self, account: Account) -> bool:
-        """Insert a new account; False when the id is taken."""
+    def lock(self, ids: Collection[UUID]) -> dict[UUID, Account]:
+        """Lock the accounts among `ids` for update, in id order, whatever their tenant (the caller checks
+        it); absent ids are left out."""
 
     @abc.abstractmethod
-    def lock(self, tenant_id: str, ids: Collection[UUID]) -> dict[UUID, Account]:
-        """Lock the tenant's accounts among `ids` for update, in id order; absent ids are left out."""
+    def add(self, accounts: Sequence[Account]) -> None:
+        """Insert new accounts as they stand (balance and version included). Their ids were locked free."""
 
     @abc.abstractmethod
-    def ensure_external(self, tenant_id: str, currency: str) -> None:
-        """Create the tenant's external account for `currency` unless it exists."""
-
-    @abc.abstractmethod
-    def save_status(self, account: Account) -> None:
-        """Persist a status change of a locked account."""
+    def save(self, accounts: Sequence[Account]) -> None:
+        """Store the balance, version and status of locked accounts."""
 
 
 class Ledger(abc.ABC):
     @abc.abstractmethod
-    def append(self, transaction: Transaction, accounts: Sequence[Account], *, operation_id: UUID) -> None:
-        """Insert the transaction and its entries and store the accounts' new balances."""
+    def append(self, postings: Sequence[Posting]) -> None:
+        """Insert the transactions and their entries."""
 
 
 class IdempotencyStore(abc.ABC):
     @abc.abstractmethod
-    def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
-        """Claim (tenant, key) for this operation. None: claimed now. Otherwise the key's existing record; a
-        unit that then settles it must not commit if another unit settled it concurrently."""
+    def claim(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
+        """Claim each (tenant, key) for its operation; the keys are distinct. Returns the records of the keys
+        that were already claimed (by an earlier request, or by the ingress that queued us); the others are
+        claimed now. A unit that then settles a known key must not commit if another unit settled it
+        concurrently."""
 
     @abc.abstractmethod
-    def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:
-        """Store the settled outcome against the key (and its operation)."""
+    def complete(self, completions: Sequence[Completion]) -> None:
+        """Store settled outcomes against their keys (and operations)."""
 
     @abc.abstractmethod
     def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
@@ -84,8 +112,13 @@ class IdempotencyStore(abc.ABC):
 
 class Outbox(abc.ABC):
     @abc.abstractmethod
-    def stage(self, event: Event) -> None:
-        """Record an event to publish once this unit of work commits."""
+    def stage(self, events: Sequence[Event]) -> None:
+        """Record events to publish once this unit of work commits."""
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The database cannot be reached (down, restarting, out of connections): nobody's command is at fault,
+    so the caller waits and tries the same work again instead of blaming or splitting it."""
 
 
 class UnitOfWork(abc.ABC):
@@ -97,13 +130,13 @@ class UnitOfWork(abc.ABC):
     outbox: Outbox
     write_set: WriteSet | None = None
 
-    def writing(self, tenant_id: str, account_ids: Collection[UUID]) -> Self:
+    def writing(self, account_ids: Collection[UUID]) -> Self:
         """Declare, before entering, the accounts this unit will lock and write.
 
         The unit then waits for their other writers before it takes its snapshot, so a hot account makes
         writers queue instead of failing each other with serialization errors and retrying at random.
         """
-        self.write_set = WriteSet(tenant_id, frozenset(account_ids)) if account_ids else None
+        self.write_set = WriteSet(frozenset(account_ids)) if account_ids else None
         return self
 
     def __enter__(self) -> Self:

@@ -188,10 +188,10 @@ def test_rolled_back_unit_of_work_emits_nothing(
 ) -> None:
     now = datetime.now(UTC)
     with ledger.unit_of_work() as uow:
-        uow.outbox.stage(Event("test.rolled_back", tenant, {"n": 1}, now))
+        uow.outbox.stage([Event("test.rolled_back", tenant, {"n": 1}, now)])
         # left without commit(): rolled back
     with ledger.unit_of_work() as uow:
-        uow.outbox.stage(Event("test.committed", tenant, {"n": 2}, now))
+        uow.outbox.stage([Event("test.committed", tenant, {"n": 2}, now)])
         uow.commit()
 
     assert [event_type for _, event_type, _ in outbox_rows(db, tenant)] == ["test.committed"]
@@ -206,12 +206,12 @@ def test_outbox_insert_notifies_on_commit_only(ledger: LedgerService, tenant: st
     with psycopg.connect(settings.database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         with ledger.unit_of_work() as uow:
-            uow.outbox.stage(Event("test.rolled_back", tenant, {}, datetime.now(UTC)))
+            uow.outbox.stage([Event("test.rolled_back", tenant, {}, datetime.now(UTC))])
         assert list(listener.notifies(timeout=0.5)) == []
 
         with ledger.unit_of_work() as uow:
-            uow.outbox.stage(Event("test.one", tenant, {}, datetime.now(UTC)))
-            uow.outbox.stage(Event("test.two", tenant, {}, datetime.now(UTC)))
+            uow.outbox.stage([Event("test.one", tenant, {}, datetime.now(UTC))])
+            uow.outbox.stage([Event("test.two", tenant, {}, datetime.now(UTC))])
             uow.commit()
         received = list(listener.notifies(timeout=2.0, stop_after=1))
         assert [n.channel for n in received] == [NOTIFY_CHANNEL]

@@ -110,8 +110,8 @@ def test_no_advisory_lock_outlives_its_unit_of_work(
     assert advisory_locks(db, account, external) == 0
 
     def fail_half_way() -> None:
-        with ledger.unit_of_work().writing(tenant, [account]) as uow:
-            uow.accounts.lock(tenant, [account])
+        with ledger.unit_of_work().writing([account]) as uow:
+            uow.accounts.lock([account])
             assert advisory_locks(db, account, external) == 1
             raise RuntimeError("the use case failed half-way")
 

@@ -7,19 +7,20 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from core.application.commands import Command
 from core.application.ports import (
     AccountRepository,
+    Claim,
+    Completion,
     Event,
     ExistingKey,
     IdempotencyStore,
     Ledger,
     Outbox,
+    Posting,
     UnitOfWork,
 )
 from core.application.views import OperationResult, OperationStatus
-from core.domain.ids import external_account_id
-from core.domain.model import Account, AccountKind, OverdraftPolicy, Transaction
+from core.domain.model import Account, Transaction
 
 
 @dataclass
@@ -36,52 +37,50 @@ class FakeAccounts(AccountRepository):
     def __init__(self, books: Books) -> None:
         self.books = books
 
-    def add(self, account: Account) -> bool:
-        if account.id in self.books.accounts:
-            return False
-        self.books.accounts[account.id] = account
-        return True
+    def lock(self, ids: Collection[UUID]) -> dict[UUID, Account]:
+        return {i: a for i in sorted(ids) if (a := self.books.accounts.get(i))}
 
-    def lock(self, tenant_id: str, ids: Collection[UUID]) -> dict[UUID, Account]:
-        return {i: a for i in sorted(ids) if (a := self.books.accounts.get(i)) and a.tenant_id == tenant_id}
+    def add(self, accounts: Sequence[Account]) -> None:
+        for account in accounts:
+            assert account.id not in self.books.accounts, "the use case adds only ids it locked free"
+            self.books.accounts[account.id] = account
 
-    def ensure_external(self, tenant_id: str, currency: str) -> None:
-        account_id = external_account_id(tenant_id, currency)
-        self.books.accounts.setdefault(
-            account_id, Account(account_id, tenant_id, currency, AccountKind.SYSTEM, OverdraftPolicy(None))
-        )
-
-    def save_status(self, account: Account) -> None:
-        self.books.accounts[account.id] = account
+    def save(self, accounts: Sequence[Account]) -> None:
+        for account in accounts:
+            assert account.id in self.books.accounts, "the use case saves only accounts it locked"
+            self.books.accounts[account.id] = account
 
 
 class FakeLedger(Ledger):
     def __init__(self, books: Books) -> None:
         self.books = books
 
-    def append(self, transaction: Transaction, accounts: Sequence[Account], *, operation_id: UUID) -> None:
-        self.books.transactions.append((transaction, operation_id))
-        for account in accounts:
-            self.books.accounts[account.id] = account
+    def append(self, postings: Sequence[Posting]) -> None:
+        self.books.transactions.extend((p.transaction, p.operation_id) for p in postings)
 
 
 class FakeIdempotency(IdempotencyStore):
     def __init__(self, books: Books) -> None:
         self.books = books
 
-    def claim(self, command: Command, *, key: str, fingerprint: str, operation_id: UUID) -> ExistingKey | None:
-        found = self.books.keys.get((command.tenant_id, key))
-        if found is not None:
-            return ExistingKey(found[0], found[1])
-        self.books.keys[(command.tenant_id, key)] = (
-            fingerprint,
-            OperationResult(operation_id, OperationStatus.PENDING),
-        )
-        return None
+    def claim(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
+        assert len({(c.tenant_id, c.key) for c in claims}) == len(claims), "claimed keys are distinct"
+        known: dict[tuple[str, str], ExistingKey] = {}
+        for c in claims:
+            found = self.books.keys.get((c.tenant_id, c.key))
+            if found is not None:
+                known[(c.tenant_id, c.key)] = ExistingKey(found[0], found[1])
+            else:
+                self.books.keys[(c.tenant_id, c.key)] = (
+                    c.fingerprint,
+                    OperationResult(c.operation_id, OperationStatus.PENDING),
+                )
+        return known
 
-    def complete(self, tenant_id: str, key: str, outcome: OperationResult) -> None:
-        fingerprint, _ = self.books.keys[(tenant_id, key)]
-        self.books.keys[(tenant_id, key)] = (fingerprint, outcome)
+    def complete(self, completions: Sequence[Completion]) -> None:
+        for c in completions:
+            fingerprint, _ = self.books.keys[(c.tenant_id, c.key)]
+            self.books.keys[(c.tenant_id, c.key)] = (fingerprint, c.outcome)
 
     def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
         found = self.books.keys.get((tenant_id, key))
@@ -93,8 +92,8 @@ class FakeOutbox(Outbox):
     def __init__(self, books: Books) -> None:
         self.books = books
 
-    def stage(self, event: Event) -> None:
-        self.books.events.append(event)
+    def stage(self, events: Sequence[Event]) -> None:
+        self.books.events.extend(events)
 
 
 class FakeUnitOfWork(UnitOfWork):

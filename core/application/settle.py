@@ -1,0 +1,270 @@
+"""Settling commands in groups: one unit of work, one commit, many commands (group commit).
+
+`settle` locks every account the group may write once, in id order, claims all the group's idempotency keys
+in one statement, then applies the domain rules to each command in order, in memory, each seeing the state
+the earlier ones left. A business rejection is that command's final result and leaves the others alone. The
+writes (new accounts, transactions, entries, balances, outcomes, events) go out as one statement each, and
+the unit commits once. A group of one is the synchronous path; the workers hand it up to hundreds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from uuid import UUID
+
+import structlog
+
+from core.application.commands import (
+    ChangeAccountStatus,
+    Command,
+    CreateAccount,
+    Credit,
+    Debit,
+    PostingCommand,
+    Transfer,
+)
+from core.application.ports import Claim, Completion, Event, Posting, UnitOfWork
+from core.application.views import OperationResult, account_json, transaction_json
+from core.domain.errors import (
+    AccountExists,
+    AccountNotFound,
+    CurrencyMismatch,
+    IdempotencyKeyReused,
+    LedgerError,
+)
+from core.domain.ids import external_account_id, new_id
+from core.domain.model import Account, AccountKind, OverdraftPolicy, TransactionKind, post_legs
+
+Clock = Callable[[], datetime]
+log = structlog.get_logger(__name__)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One command to settle under its idempotency key. `operation_id` names the operation if the key is new;
+    a key the ingress already recorded keeps the operation it was recorded with."""
+
+    command: Command
+    idempotency_key: str
+    operation_id: UUID
+
+
+# What settling a submission gives: its operation's outcome, or the error that makes the request itself
+# unacceptable (its key belongs to a different request); only the first is stored.
+Settled = OperationResult | IdempotencyKeyReused
+
+
+def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock = utc_now) -> list[Settled]:
+    """Settle each submission exactly once per (tenant, key), in one unit of work; one attempt, no retries.
+
+    Answers in the submissions' order. A key that is already settled replays its outcome (`replayed=True`);
+    a key sent twice in one group settles once and answers both alike. Raises `TransientConflict` when a
+    concurrent transaction won (the caller runs the whole group again).
+    """
+    fingerprints = [s.command.fingerprint() for s in submissions]
+    claims: dict[tuple[str, str], Claim] = {}
+    for submission, fingerprint in zip(submissions, fingerprints, strict=True):
+        command = submission.command
+        claims.setdefault(
+            (command.tenant_id, submission.idempotency_key),
+            Claim(
+                command.tenant_id,
+                submission.idempotency_key,
+                fingerprint,
+                submission.operation_id,
+                command.type,
+                command.to_json(),
+            ),
+        )
+    with uow.writing(written_accounts(s.command for s in submissions)):
+        # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
+        records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
+        books = _Books(uow.accounts.lock(uow.write_set.account_ids) if uow.write_set else {}, clock())
+        answers: list[Settled] = []
+        completions: list[Completion] = []
+        for submission, fingerprint in zip(submissions, fingerprints, strict=True):
+            command, key = submission.command, submission.idempotency_key
+            record = records.get((command.tenant_id, key))
+            if record is not None and record[0] != fingerprint:
+                answers.append(
+                    IdempotencyKeyReused(
+                        f"Idempotency-Key {key!r} was used for a different request",
+                        operation_id=str(record[1].operation_id),
+                    )
+                )
+                continue
+            if record is not None and record[1].settled:
+                answers.append(replace(record[1], replayed=True))
+                continue
+            # Claimed now, or claimed but pending (the ingress recorded the key and queued us): settle it.
+            claimed = record[1] if record is not None else claims[(command.tenant_id, key)]
+            outcome = books.settle(command, claimed.operation_id)
+            records[(command.tenant_id, key)] = (fingerprint, outcome)
+            completions.append(Completion(command.tenant_id, key, outcome))
+            answers.append(outcome)
+        if completions:
+            books.write(uow)
+            uow.idempotency.complete(completions)
+            uow.commit()
+    return answers
+
+
+def written_accounts(commands: Iterable[Command]) -> set[UUID]:
+    """The accounts commands may lock and write (a client-chosen new id included), known before they run."""
+    ids: set[UUID] = set()
+    for command in commands:
+        if isinstance(command, Credit | Debit | Transfer):
+            ids.update(account_id for account_id, _ in legs_of(command)[1])
+        elif isinstance(command, ChangeAccountStatus | CreateAccount) and command.account_id is not None:
+            ids.add(command.account_id)
+    return ids
+
+
+def legs_of(command: PostingCommand) -> tuple[TransactionKind, list[tuple[UUID, int]]]:
+    """Signed legs (credit > 0, debit < 0) of a command; they always sum to zero."""
+    amount = command.amount.amount
+    if isinstance(command, Credit):
+        external = external_account_id(command.tenant_id, command.amount.currency)
+        return TransactionKind.CREDIT, [(external, -amount), (command.account_id, amount)]
+    if isinstance(command, Debit):
+        external = external_account_id(command.tenant_id, command.amount.currency)
+        return TransactionKind.DEBIT, [(command.account_id, -amount), (external, amount)]
+    return TransactionKind.TRANSFER, [(command.source_id, -amount), (command.destination_id, amount)]
+
+
+def rejected_event(command: Command, operation_id: UUID, error: LedgerError, now: datetime) -> Event:
+    return Event(
+        "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected",
+        command.tenant_id,
+        {"operation_id": str(operation_id), "command": command.to_json(), "problem": error.to_problem()},
+        now,
+    )
+
+
+class _Books:
+    """A group's view of the ledger while it settles: the locked accounts, changed in memory, and everything
+    to write once the group is done."""
+
+    def __init__(self, locked: dict[UUID, Account], now: datetime) -> None:
+        self.accounts = locked  # any tenant's: `_account` checks the owner
+        self.now = now
+        self.created: dict[UUID, Account] = {}  # inserted at the end as they then stand
+        self.changed: dict[UUID, Account] = {}  # existing rows whose balance or status changed
+        self.postings: list[Posting] = []
+        self.events: list[Event] = []
+
+    def settle(self, command: Command, operation_id: UUID) -> OperationResult:
+        try:
+            if isinstance(command, CreateAccount):
+                result = self._create_account(command)
+            elif isinstance(command, Credit | Debit | Transfer):
+                result = self._post(command, operation_id)
+            elif isinstance(command, ChangeAccountStatus):
+                result = self._change_status(command)
+            else:  # pragma: no cover - exhaustive over COMMAND_TYPES
+                raise TypeError(f"no handler for {type(command).__name__}")
+        except LedgerError as error:
+            if not error.permanent:
+                raise
+            log.info("operation.rejected", operation_id=str(operation_id), code=error.code)
+            self.events.append(rejected_event(command, operation_id, error, self.now))
+            return OperationResult.failed(operation_id, error)
+        return OperationResult.succeeded(operation_id, result)
+
+    def write(self, uow: UnitOfWork) -> None:
+        """Everything the group changed, one statement per kind of row."""
+        if self.created:
+            uow.accounts.add(list(self.created.values()))
+        if self.postings:
+            uow.ledger.append(self.postings)
+        if self.changed:
+            uow.accounts.save(list(self.changed.values()))
+        if self.events:
+            uow.outbox.stage(self.events)
+
+    def _account(self, tenant_id: str, account_id: UUID) -> Account | None:
+        account = self.accounts.get(account_id)
+        return account if account is not None and account.tenant_id == tenant_id else None
+
+    def _open(self, account: Account) -> Account:
+        self.accounts[account.id] = self.created[account.id] = account
+        return account
+
+    def _touch(self, account: Account) -> None:
+        if account.id not in self.created:
+            self.changed[account.id] = account
+
+    def _create_account(self, command: CreateAccount) -> dict[str, object]:
+        if command.account_id is not None and command.account_id in self.accounts:
+            raise AccountExists(f"account {command.account_id} already exists", account_id=str(command.account_id))
+        account = self._open(
+            Account(
+                id=command.account_id or new_id(),
+                tenant_id=command.tenant_id,
+                currency=command.currency,
+                kind=AccountKind.CUSTOMER,
+                overdraft=command.overdraft,
+                metadata=command.metadata,
+                created_at=self.now,
+            )
+        )
+        body = account_json(account)
+        self.events.append(Event("account.created", command.tenant_id, {"account": body}, self.now))
+        return {"account": body}
+
+    def _change_status(self, command: ChangeAccountStatus) -> dict[str, object]:
+        account = self._account(command.tenant_id, command.account_id)
+        if account is None or account.kind is not AccountKind.CUSTOMER:
+            raise AccountNotFound(f"account {command.account_id} does not exist", account_id=str(command.account_id))
+        account.change_status(command.status)
+        self._touch(account)
+        body = account_json(account)
+        self.events.append(Event("account.status_changed", command.tenant_id, {"account": body}, self.now))
+        return {"account": body}
+
+    def _post(self, command: PostingCommand, operation_id: UUID) -> dict[str, object]:
+        tenant, currency = command.tenant_id, command.amount.currency
+        kind, legs = legs_of(command)
+        # Only credits and debits may touch a system account, and only the external one they name.
+        external = None if isinstance(command, Transfer) else external_account_id(tenant, currency)
+        touched: list[Account] = []
+        for account_id, _ in legs:
+            account = self._account(tenant, account_id)
+            if account is None and account_id == external and account_id not in self.accounts:
+                # The tenant's first posting in this currency: its id was locked with the others.
+                unrestricted = OverdraftPolicy(None)
+                account = self._open(
+                    Account(account_id, tenant, currency, AccountKind.SYSTEM, unrestricted, created_at=self.now)
+                )
+            if account is None or (account.kind is AccountKind.SYSTEM and account_id != external):
+                raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+            if account.currency != currency:
+                raise CurrencyMismatch(
+                    f"account {account_id} holds {account.currency}, not {currency}", account_id=str(account_id)
+                )
+            touched.append(account)
+        transaction = post_legs(
+            transaction_id=new_id(),
+            tenant_id=tenant,
+            kind=kind,
+            legs=[(account, amount) for account, (_, amount) in zip(touched, legs, strict=True)],
+            metadata=command.metadata,
+            created_at=self.now,
+        )
+        for account in touched:
+            self._touch(account)
+        self.postings.append(Posting(transaction, operation_id))
+        body = transaction_json(transaction)
+        self.events.append(
+            Event("transaction.posted", tenant, {"operation_id": str(operation_id), "transaction": body}, self.now)
+        )
+        return {
+            "transaction": body,
+            "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
+        }
