@@ -40,9 +40,13 @@ class Settings:
     broker_retry_after_s: int = 5  # Retry-After sent with 503 when RabbitMQ is unreachable, seconds
     # --- workers -------------------------------------------------------------------------------------------
     command_queue: str = "ledger.commands"
-    worker_max_retries: int = 8  # Dramatiq retries of a transiently failing command before dead-lettering
+    worker_max_retries: int = 8  # later tries of a command that failed on its own, before it is given up
     worker_min_backoff_ms: int = 200  # first retry delay, milliseconds (doubles, jittered)
     worker_max_backoff_ms: int = 30_000  # retry delay cap, milliseconds
+    worker_group_max: int = 256  # commands settled in one transaction at most (group commit)
+    # After a worker takes a first command it waits this long for more to join its group, milliseconds: the
+    # most a lone command is delayed by grouping.
+    worker_group_wait_ms: float = 2.0
     redeliver_after_s: int = 120  # a pending operation this old without a settlement is enqueued again
     outbox_retention_s: int = 24 * 3600  # published events stay in the outbox this long, then the relay prunes them
     log_level: str = "INFO"

@@ -28,8 +28,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def worker_command(threads: int = 4) -> list[str]:
-    return [str(BIN / "dramatiq"), "workers.actors", "--processes", "1", "--threads", str(threads)]
+def worker_command() -> list[str]:
+    """One group-commit worker process (workers/consumer.py), as the Procfile starts it."""
+    return [sys.executable, "-m", "workers.consumer"]
 
 
 def ingress_command(port: int) -> list[str]:

@@ -38,8 +38,17 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 def delete_queues(settings: Settings) -> None:
-    """Remove a test run's command queue and Dramatiq's delay and dead-letter queues beside it."""
+    """Remove a test run's command queue and the delay, retry and dead-letter queues beside it."""
     import pika
+
+    from core.adapters.rabbitmq.commands import retry_delays_ms, retry_queue
+
+    delays = retry_delays_ms(
+        max_retries=settings.worker_max_retries,
+        min_backoff_ms=settings.worker_min_backoff_ms,
+        max_backoff_ms=settings.worker_max_backoff_ms,
+    )
+    queue = settings.command_queue
 
     try:
         connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
@@ -47,7 +56,7 @@ def delete_queues(settings: Settings) -> None:
         return
     try:
         channel = connection.channel()
-        for name in (settings.command_queue, f"{settings.command_queue}.DQ", f"{settings.command_queue}.XQ"):
+        for name in (queue, f"{queue}.DQ", f"{queue}.XQ", *(retry_queue(queue, ms) for ms in set(delays))):
             channel.queue_delete(name)
     finally:
         connection.close()

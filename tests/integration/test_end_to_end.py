@@ -32,7 +32,7 @@ def cluster(service_env: dict[str, str]) -> Iterator[list[str]]:
     env = {**service_env, "CLEANLEDGER_RATE_LIMIT_BURST": "100000"}  # this test is a load, not a rate-limit test
     with contextlib.ExitStack() as stack:
         for i in range(2):
-            stack.enter_context(ManagedProcess.start(worker_command(threads=4), env=env, name=f"e2e-worker-{i}"))
+            stack.enter_context(ManagedProcess.start(worker_command(), env=env, name=f"e2e-worker-{i}"))
         for port in ports:
             stack.enter_context(
                 ManagedProcess.start(ingress_command(port), env=env, name=f"e2e-ingress-{port}", port=port)

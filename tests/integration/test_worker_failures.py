@@ -70,7 +70,7 @@ def test_retries_exhausted_settle_as_processing_failed_and_dead_letter(
     try:
         with (
             psycopg.connect(settings.database_url) as blocker,
-            ManagedProcess.start(worker_command(threads=2), env=settings_env(impatient), name="impatient-worker"),
+            ManagedProcess.start(worker_command(), env=settings_env(impatient), name="impatient-worker"),
         ):
             blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))  # held until exit
             publisher = CommandPublisher(impatient.amqp_url, queue_name=impatient.command_queue)
@@ -114,7 +114,7 @@ def test_a_worker_killed_mid_posting_leaves_the_command_to_settle_exactly_once(
         with psycopg.connect(settings.database_url) as blocker:
             # Hold the account's row lock: the worker's posting transaction starts, then waits inside it.
             blocker.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))
-            with ManagedProcess.start(worker_command(threads=1), env=env, name="doomed-worker") as doomed:
+            with ManagedProcess.start(worker_command(), env=env, name="doomed-worker") as doomed:
                 publisher = CommandPublisher(queue.amqp_url, queue_name=queue.command_queue)
                 try:
                     publisher.publish(operation_id=operation_id, idempotency_key="kill-9", command=command)
@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_posting_leaves_the_command_to_settle_exactly_once(
                 wait_for_lock_waiter(settings, blocker.info.backend_pid)
                 doomed.kill()  # SIGKILL mid-posting: no rollback, no nack, nothing graceful
         # Lock released, the doomed worker gone: a fresh worker gets the redelivered message.
-        with ManagedProcess.start(worker_command(threads=1), env=env, name="successor-worker"):
+        with ManagedProcess.start(worker_command(), env=env, name="successor-worker"):
             settled = wait_until_settled(ledger, tenant, operation_id, 30)
         assert settled.status is OperationStatus.SUCCEEDED
         assert balance(ledger, tenant, account) == 4_321

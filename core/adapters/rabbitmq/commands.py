@@ -1,4 +1,5 @@
-"""Commands onto RabbitMQ as Dramatiq messages, so Dramatiq workers consume them unchanged.
+"""Commands onto RabbitMQ, in Dramatiq's message format (the queue, its arguments and its dead-letter queue
+are Dramatiq's too), and read back by the group-commit consumer (`consumer.py`).
 
 Blocking (pika under Dramatiq's broker): the aiohttp ingress calls `publish` on its bounded thread pool,
 never on the event loop. Publisher confirms are on: `publish` returns only once RabbitMQ has taken
@@ -7,6 +8,8 @@ responsibility for the (persistent) message, and raises `BrokerUnavailable` othe
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -14,13 +17,70 @@ import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from core.adapters.rabbitmq.connection import bounded_url
-from core.application.commands import Command
+from core.application.commands import Command, command_from_json, validate_idempotency_key
+from core.domain.errors import ValidationFailed
 
-# The actor the workers register for commands (workers/actors.py).
+# The actor name command messages carry (Dramatiq's message format; workers/consumer.py reads them).
 EXECUTE_ACTOR = "execute_command"
 # Bounds of one publish from an HTTP request, in seconds: connecting, and waiting out a blocked broker.
 CONNECT_TIMEOUT_S = 2.0
 BLOCKED_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedCommand:
+    """A command message as a worker reads it."""
+
+    operation_id: UUID
+    idempotency_key: str
+    command: Command
+    retries: int  # times it was already sent back for a later try
+
+
+def parse_command_message(body: bytes) -> tuple[dict[str, Any], QueuedCommand]:
+    """The message's JSON document and the command it carries; `ValidationFailed` when it is not one."""
+    try:
+        document = json.loads(body)
+        kwargs = document["kwargs"]
+        retries = document.get("options", {}).get("retries", 0)
+        if type(retries) is not int or retries < 0:
+            raise ValueError("options.retries must be a non-negative integer")
+        queued = QueuedCommand(
+            UUID(kwargs["operation_id"]),
+            validate_idempotency_key(kwargs["idempotency_key"]),
+            command_from_json(kwargs["command"]),
+            retries,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValidationFailed(f"not a command message: {exc}") from None
+    return document, queued
+
+
+def retry_message(document: dict[str, Any]) -> bytes:
+    """The same message, counted as retried once more."""
+    options = dict(document.get("options", {}))
+    options["retries"] = options.get("retries", 0) + 1
+    return json.dumps({**document, "options": options}, separators=(",", ":")).encode()
+
+
+def main_queue_arguments(queue_name: str) -> dict[str, Any]:
+    """Dramatiq's arguments for a queue: a message rejected without requeue moves to `<queue>.XQ`."""
+    return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_queue(queue_name)}
+
+
+def dead_letter_queue(queue_name: str) -> str:
+    return f"{queue_name}.XQ"
+
+
+def retry_queue(queue_name: str, delay_ms: int) -> str:
+    """Where a command waits `delay_ms` before it goes back to `queue_name` (queue TTL, then dead-lettered
+    back): one queue per delay, because RabbitMQ expires messages only at a queue's head."""
+    return f"{queue_name}.retry.{delay_ms}ms"
+
+
+def retry_delays_ms(*, max_retries: int, min_backoff_ms: int, max_backoff_ms: int) -> list[int]:
+    """The wait before each retry, in milliseconds: doubling from `min_backoff_ms`, capped."""
+    return [min(max_backoff_ms, min_backoff_ms * 2**n) for n in range(max_retries)]
 
 
 class BrokerUnavailable(Exception):

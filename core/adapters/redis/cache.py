@@ -7,6 +7,7 @@ when Redis cannot answer (logged), and a cached entry that does not parse counts
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,18 +80,26 @@ class SettlementPublisher:
 
     def settled(self, operation_id: str, document: dict[str, Any], *, ttl_s: int) -> None:
         """SET the result (TTL `ttl_s` seconds) and PUBLISH the id, in one MULTI/EXEC round trip."""
-        try:
-            payload = json.dumps(document, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            log.error("settlement.unserializable", operation_id=operation_id, error=describe(exc))
+        self.settled_many([(operation_id, document)], ttl_s=ttl_s)
+
+    def settled_many(self, settled: Sequence[tuple[str, dict[str, Any]]], *, ttl_s: int) -> None:
+        """`settled` for a whole group of (operation id, document), in one round trip."""
+        payloads: list[tuple[str, str]] = []
+        for operation_id, document in settled:
+            try:
+                payloads.append((operation_id, json.dumps(document, separators=(",", ":"))))
+            except (TypeError, ValueError) as exc:
+                log.error("settlement.unserializable", operation_id=operation_id, error=describe(exc))
+        if not payloads:
             return
         try:
             with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(result_key(operation_id), payload, ex=ttl_s)
-                pipe.publish(settled_channel(operation_id), operation_id)
+                for operation_id, payload in payloads:
+                    pipe.set(result_key(operation_id), payload, ex=ttl_s)
+                    pipe.publish(settled_channel(operation_id), operation_id)
                 pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning("settlement.redis_unavailable", operation_id=operation_id, error=describe(exc))
+            log.warning("settlement.redis_unavailable", operations=len(settled), error=describe(exc))
 
 
 def _parse_object(raw: bytes) -> dict[str, Any] | None:

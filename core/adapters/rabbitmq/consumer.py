@@ -1,0 +1,157 @@
+"""The command queue, read in groups for group commit (pika, blocking: one worker process, one consumer).
+
+RabbitMQ hands the consumer up to `prefetch` unacknowledged messages. `next_group` waits for one, then up to
+`group_wait_s` for more, and returns at most `group_max`. Once the group is settled and committed, the worker
+acknowledges all of it with one multiple-ack; a worker that dies before that leaves every message of the
+group to be redelivered, and settling replays what was committed. Only the rare message that needs it is
+rejected to the dead-letter queue or sent back for a later try, each on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pika
+import pika.channel
+import pika.spec
+from pika.adapters.blocking_connection import BlockingChannel
+
+from core.adapters.rabbitmq.commands import (
+    dead_letter_queue,
+    main_queue_arguments,
+    retry_queue,
+)
+from core.adapters.rabbitmq.connection import connection_parameters
+
+# Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
+# Longest wait for a broker that blocks publishers while a retry is sent back, in seconds.
+BLOCKED_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    tag: int
+    body: bytes
+    redelivered: bool
+
+
+class CommandConsumer:
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        queue_name: str,
+        retry_delays_ms: Sequence[int],
+        group_max: int,
+        group_wait_s: float,
+        prefetch: int,
+    ) -> None:
+        self.queue_name = queue_name
+        self.retry_delays_ms = list(retry_delays_ms)
+        self.group_max = group_max
+        self.group_wait_s = group_wait_s
+        self.prefetch = prefetch
+        self._parameters = connection_parameters(amqp_url, blocked_timeout=BLOCKED_TIMEOUT_S)
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._received: deque[Delivery] = deque()
+
+    def open(self) -> None:
+        """Connect, declare the queues (Dramatiq's main and dead-letter queues, one retry queue per delay)
+        and start consuming."""
+        self.close()
+        self._received.clear()  # their tags died with the old channel; RabbitMQ redelivers them
+        connection = self._connection = pika.BlockingConnection(self._parameters)
+        channel = self._channel = connection.channel()
+        channel.confirm_delivery()  # a retry sent back must be taken before its original is acknowledged
+        channel.queue_declare(self.queue_name, durable=True, arguments=main_queue_arguments(self.queue_name))
+        channel.queue_declare(
+            dead_letter_queue(self.queue_name), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
+        )
+        for delay_ms in sorted(set(self.retry_delays_ms)):
+            channel.queue_declare(
+                retry_queue(self.queue_name, delay_ms),
+                durable=True,
+                arguments={
+                    "x-message-ttl": delay_ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": self.queue_name,
+                },
+            )
+        channel.basic_qos(prefetch_count=self.prefetch)
+        channel.basic_consume(self.queue_name, self._on_message)
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None and self._connection.is_open
+
+    def _on_message(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
+        self._received.append(Delivery(method.delivery_tag, body, bool(method.redelivered)))
+
+    def next_group(self, *, timeout_s: float) -> list[Delivery]:
+        """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most
+        `group_max`, in delivery order. Empty when nothing came."""
+        connection = self._require_connection()
+        deadline = time.monotonic() + timeout_s
+        while not self._received and (remaining := deadline - time.monotonic()) > 0:
+            connection.process_data_events(time_limit=remaining)
+        if not self._received:
+            return []
+        deadline = time.monotonic() + self.group_wait_s
+        while len(self._received) < self.group_max and (remaining := deadline - time.monotonic()) > 0:
+            connection.process_data_events(time_limit=remaining)
+        return [self._received.popleft() for _ in range(min(self.group_max, len(self._received)))]
+
+    def retry_later(self, body: bytes, *, attempt: int) -> None:
+        """Send a message back for its `attempt`-th retry (1-based), after that retry's delay; confirmed."""
+        delay_ms = self.retry_delays_ms[min(attempt, len(self.retry_delays_ms)) - 1]
+        self._require_channel().basic_publish(
+            "",
+            retry_queue(self.queue_name, delay_ms),
+            body,
+            pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
+            mandatory=True,
+        )
+
+    def dead_letter(self, tag: int) -> None:
+        """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""
+        self._require_channel().basic_nack(tag, multiple=False, requeue=False)
+
+    def ack_through(self, tag: int) -> None:
+        """Acknowledge every message delivered up to `tag` that is neither acknowledged nor rejected yet."""
+        self._require_channel().basic_ack(tag, multiple=True)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait while the connection keeps its heartbeats (messages that arrive meanwhile are buffered)."""
+        if self.is_open:
+            self._require_connection().sleep(seconds)
+        else:
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            # Already gone or not: unacknowledged messages go back to the queue either way.
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+    def _require_connection(self) -> pika.BlockingConnection:
+        if self._connection is None:
+            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
+        return self._connection
+
+    def _require_channel(self) -> BlockingChannel:
+        if self._channel is None:
+            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
+        return self._channel

@@ -1,0 +1,201 @@
+"""The command worker: settles queued commands in groups, one commit per group (group commit).
+
+Run with `python -m workers.consumer` (see Procfile); start more of them to scale out. Each one:
+1. takes a group of messages off the command queue (`CommandConsumer.next_group`);
+2. settles the whole group in one SERIALIZABLE unit of work (`LedgerService.settle_group`): business
+   rejections are final results, a serialization failure re-runs the group, and a command that fails for
+   any other reason is split off so it fails alone;
+3. only after the commit acknowledges the group (one multiple-ack), then caches and announces the results
+   in Redis (one pipeline) for the ingress requests waiting on them.
+A command that failed alone is sent back for a later try with backoff (`CLEANLEDGER_WORKER_MAX_RETRIES`
+tries); once they are spent its operation settles as `processing-failed` and the message moves to the
+dead-letter queue `<queue>.XQ`. A message that is not a valid command, or whose idempotency key belongs to
+another request, goes to the dead letters at once. When PostgreSQL cannot be reached, nothing is blamed:
+the worker waits and settles the same group again. A worker that dies at any point leaves its unacknowledged
+group to be redelivered, and settling it again replays what was committed.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import pika.exceptions
+import structlog
+
+from core.adapters.rabbitmq.commands import parse_command_message, retry_delays_ms, retry_message
+from core.adapters.rabbitmq.consumer import CommandConsumer, Delivery
+from core.adapters.redis.cache import SettlementPublisher
+from core.adapters.redis.client import sync_client
+from core.application.group_commit import Unsettled
+from core.application.ports import StoreUnavailable
+from core.application.settle import Submission
+from core.application.views import OperationResult, operation_json
+from core.bootstrap import LedgerService, bootstrap
+from core.domain.errors import LedgerError, ProcessingFailed
+from core.logs import configure_logging
+from core.settings import Settings
+
+log = structlog.get_logger("worker")
+# How long the worker waits for a first message before it checks for a stop request, in seconds.
+IDLE_POLL_S = 1.0
+# Waits between attempts to reach PostgreSQL or RabbitMQ again, in seconds: doubling up to the cap.
+RECONNECT_FIRST_S = 0.2
+RECONNECT_CAP_S = 5.0
+
+
+@dataclass
+class Verdicts:
+    """What to do with each message of a group once it is settled; AMQP acts only, done after the commit."""
+
+    announce: list[tuple[str, OperationResult]] = field(default_factory=list)  # (tenant, outcome)
+    dead_letter: list[int] = field(default_factory=list)  # delivery tags
+    retry: list[tuple[bytes, int]] = field(default_factory=list)  # (message, attempt)
+    last_tag: int = 0
+
+
+class CommandWorker:
+    def __init__(
+        self, ledger: LedgerService, consumer: CommandConsumer, settlements: SettlementPublisher, *, settings: Settings
+    ) -> None:
+        self.ledger = ledger
+        self.consumer = consumer
+        self.settlements = settlements
+        self.settings = settings
+        self.stopping = False
+
+    def run(self) -> None:
+        """Consume until `stop()`; reconnects to RabbitMQ and waits out PostgreSQL as long as it takes."""
+        backoff = RECONNECT_FIRST_S
+        while not self.stopping:
+            try:
+                if not self.consumer.is_open:
+                    self.consumer.open()
+                    log.info("worker.consuming", queue=self.consumer.queue_name)
+                group = self.consumer.next_group(timeout_s=IDLE_POLL_S)
+                if group:
+                    self.handle(group)
+                backoff = RECONNECT_FIRST_S
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                # The group's unacknowledged messages return to the queue; settling them again replays.
+                log.warning("worker.broker_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=backoff)
+                self.consumer.close()
+                time.sleep(backoff)
+                backoff = min(RECONNECT_CAP_S, backoff * 2)
+        self.consumer.close()
+
+    def stop(self) -> None:
+        """Finish the group in hand, acknowledge it, then return from `run`."""
+        self.stopping = True
+
+    def handle(self, group: list[Delivery]) -> None:
+        backoff = RECONNECT_FIRST_S
+        while True:
+            try:
+                verdicts = self.decide(group)
+                break
+            except StoreUnavailable as exc:
+                if self.stopping:
+                    return  # unacknowledged: the group goes back to the queue when the connection closes
+                log.warning("worker.database_unavailable", error=str(exc), retry_in_s=backoff, group=len(group))
+                self.consumer.sleep(backoff)
+                backoff = min(RECONNECT_CAP_S, backoff * 2)
+        for body, attempt in verdicts.retry:
+            self.consumer.retry_later(body, attempt=attempt)
+        for tag in verdicts.dead_letter:
+            self.consumer.dead_letter(tag)
+        self.consumer.ack_through(verdicts.last_tag)
+        self.settlements.settled_many(
+            [
+                (str(outcome.operation_id), {"tenant_id": tenant, "operation": operation_json(outcome)})
+                for tenant, outcome in verdicts.announce
+            ],
+            ttl_s=self.settings.result_cache_s,
+        )
+
+    def decide(self, group: list[Delivery]) -> Verdicts:
+        """Settle the group and decide each message's fate; touches PostgreSQL only, so it can run again."""
+        verdicts = Verdicts(last_tag=group[-1].tag)
+        parsed: list[tuple[Delivery, dict[str, Any], Submission, int]] = []
+        for delivery in group:
+            try:
+                document, queued = parse_command_message(delivery.body)
+            except LedgerError as exc:
+                log.error("worker.message_invalid", error=exc.detail, tag=delivery.tag)
+                verdicts.dead_letter.append(delivery.tag)
+                continue
+            submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
+            parsed.append((delivery, document, submission, queued.retries))
+        started = time.perf_counter()
+        outcomes = self.ledger.settle_group([submission for _, _, submission, _ in parsed])
+        for (delivery, document, submission, retries), outcome in zip(parsed, outcomes, strict=True):
+            tenant = submission.command.tenant_id
+            if isinstance(outcome, OperationResult):
+                verdicts.announce.append((tenant, outcome))
+            elif isinstance(outcome, Unsettled) and retries < self.settings.worker_max_retries:
+                verdicts.retry.append((retry_message(document), retries + 1))
+            elif isinstance(outcome, Unsettled):
+                error = ProcessingFailed(f"gave up after {retries} retries", retries=retries)
+                failed = self.ledger.give_up(
+                    submission.command,
+                    idempotency_key=submission.idempotency_key,
+                    operation_id=submission.operation_id,
+                    error=error,
+                )
+                log.error("operation.processing_failed", operation_id=str(submission.operation_id), retries=retries)
+                verdicts.announce.append((tenant, failed))
+                verdicts.dead_letter.append(delivery.tag)
+            else:  # the message itself is wrong (its key belongs to another request): no retry can fix it
+                log.error("worker.message_refused", operation_id=str(submission.operation_id), code=outcome.code)
+                verdicts.dead_letter.append(delivery.tag)
+        log.info(
+            "worker.group_settled",
+            size=len(group),
+            settled=len(verdicts.announce),
+            retried=len(verdicts.retry),
+            dead_lettered=len(verdicts.dead_letter),
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        return verdicts
+
+
+def build(settings: Settings) -> CommandWorker:
+    """The worker's adapters, built once per process."""
+    consumer = CommandConsumer(
+        settings.amqp_url,
+        queue_name=settings.command_queue,
+        retry_delays_ms=retry_delays_ms(
+            max_retries=settings.worker_max_retries,
+            min_backoff_ms=settings.worker_min_backoff_ms,
+            max_backoff_ms=settings.worker_max_backoff_ms,
+        ),
+        group_max=settings.worker_group_max,
+        group_wait_s=settings.worker_group_wait_ms / 1000,
+        prefetch=2 * settings.worker_group_max,
+    )
+    ledger = bootstrap(settings, pool_size=2)
+    return CommandWorker(ledger, consumer, SettlementPublisher(sync_client(settings.redis_url)), settings=settings)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    worker = build(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run()
+    finally:
+        worker.ledger.close()
+        log.info("worker.stopped")
+
+
+if __name__ == "__main__":
+    main()
