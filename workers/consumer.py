@@ -138,16 +138,22 @@ class CommandWorker:
             elif isinstance(outcome, Unsettled) and retries < self.settings.worker_max_retries:
                 verdicts.retry.append((retry_message(document), retries + 1))
             elif isinstance(outcome, Unsettled):
+                verdicts.dead_letter.append(delivery.tag)
                 error = ProcessingFailed(f"gave up after {retries} retries", retries=retries)
-                failed = self.ledger.give_up(
-                    submission.command,
-                    idempotency_key=submission.idempotency_key,
-                    operation_id=submission.operation_id,
-                    error=error,
-                )
+                try:
+                    failed = self.ledger.give_up(
+                        submission.command,
+                        idempotency_key=submission.idempotency_key,
+                        operation_id=submission.operation_id,
+                        error=error,
+                    )
+                except StoreUnavailable:
+                    raise
+                except Exception:  # not even its failure can be stored: the dead letter keeps the command
+                    log.exception("operation.give_up_failed", operation_id=str(submission.operation_id))
+                    continue
                 log.error("operation.processing_failed", operation_id=str(submission.operation_id), retries=retries)
                 verdicts.announce.append((tenant, failed))
-                verdicts.dead_letter.append(delivery.tag)
             else:  # the message itself is wrong (its key belongs to another request): no retry can fix it
                 log.error("worker.message_refused", operation_id=str(submission.operation_id), code=outcome.code)
                 verdicts.dead_letter.append(delivery.tag)
