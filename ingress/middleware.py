@@ -10,6 +10,7 @@ from collections import OrderedDict
 from typing import Any
 from uuid import UUID
 
+import psycopg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -22,6 +23,7 @@ from core.domain.errors import (
     PayloadTooLarge,
     RateLimited,
     RequestInvalid,
+    ServiceUnavailable,
     Unauthorized,
 )
 from ingress.context import INGRESS
@@ -91,6 +93,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         error_response = problem_response(mapped, instance=request.path)
         error_response.set_status(exc.status)
         return error_response
+    except psycopg.OperationalError as exc:  # PostgreSQL down or restarting: come back, nothing was done
+        log.warning("http.database_unavailable", error=type(exc).__name__)
+        unavailable = ServiceUnavailable("the database is unreachable; retry later", retry_after=1)
+        return problem_response(unavailable, instance=request.path)
     except Exception:
         log.exception("http.unhandled")
         return problem_response(LedgerError("an unexpected error occurred"), instance=request.path)

@@ -1,0 +1,182 @@
+"""RabbitMQ, Redis and PostgreSQL restarted in turn under load: every accepted operation settles exactly once.
+
+The services are this machine's own (as in CI): the test restarts them with the same commands `ops/lib.sh`
+starts them with, and waits until each answers again before the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from core.adapters.postgres.api_keys import create_api_key
+from core.adapters.postgres.verify import verify
+from core.bootstrap import LedgerService
+from core.settings import Settings
+from tests.helpers import balance, open_account
+from tests.processes import ManagedProcess, free_port, ingress_command, wait_for_port, worker_command
+
+CLIENTS = 6
+ACCOUNTS = 20
+# A client gives up on one request after this long, seconds (it retries 503s and lost connections).
+REQUEST_DEADLINE_S = 90.0
+
+
+def restart_rabbitmq() -> None:
+    # Stops the broker application (every connection drops, queues recover from disk), then starts it again.
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+    wait_for_port(5672, 60)
+
+
+def restart_redis() -> None:
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
+    Path("/var/lib/redis").mkdir(parents=True, exist_ok=True)
+    Path("/var/log/redis").mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
+         "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )  # fmt: skip
+    wait_for_port(6379, 30)
+
+
+def restart_postgres() -> None:
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    wait_for_port(5432, 60)
+
+
+@pytest.fixture
+def node(service_env: dict[str, str]) -> Iterator[int]:
+    """One ingress node and two workers, as separate OS processes."""
+    if not (shutil.which("rabbitmqctl") and shutil.which("redis-server") and shutil.which("pg_ctlcluster")):
+        pytest.fail("this test restarts the machine's own services: rabbitmqctl, redis-server, pg_ctlcluster")
+    port = free_port()
+    env = {**service_env, "CLEANLEDGER_RATE_LIMIT_BURST": "100000"}  # a load, not a rate-limit test
+    with contextlib.ExitStack() as stack:
+        for i in range(2):
+            stack.enter_context(ManagedProcess.start(worker_command(), env=env, name=f"restart-worker-{i}"))
+        stack.enter_context(ManagedProcess.start(ingress_command(port), env=env, name="restart-ingress", port=port))
+        yield port
+
+
+@pytest.mark.slow
+def test_services_restarted_under_load_lose_nothing_and_post_nothing_twice(
+    node: int, ledger: LedgerService, tenant: str, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = create_api_key(ledger.pool, tenant)[1]
+    accounts = [open_account(ledger, tenant) for _ in range(ACCOUNTS)]
+    accepted: dict[str, tuple[str, str, int]] = {}  # operation id -> (key, account, amount)
+    refused: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def post(idempotency_key: str, body: bytes) -> tuple[int, dict[str, object]] | None:
+        """Like a careful client: the same request with the same key until it is answered for good."""
+        deadline = time.monotonic() + REQUEST_DEADLINE_S
+        while time.monotonic() < deadline:
+            conn = http.client.HTTPConnection("127.0.0.1", node, timeout=15)
+            try:
+                conn.request(
+                    "POST",
+                    "/v1/credits",
+                    body,
+                    {"Authorization": f"Bearer {secret}", "Content-Type": "application/json",
+                     "Idempotency-Key": idempotency_key},
+                )  # fmt: skip
+                response = conn.getresponse()
+                document = json.loads(response.read() or b"{}")
+                if response.status not in (409, 503):
+                    return response.status, document
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # the node or a service is restarting: try again
+            finally:
+                conn.close()
+            time.sleep(0.2)
+        return None
+
+    def client(n: int) -> None:
+        rng = random.Random(n)
+        while not stop.is_set():
+            account, amount, idempotency_key = rng.choice(accounts), rng.randint(1, 1_000), uuid.uuid4().hex
+            body = json.dumps({"account_id": str(account), "amount": amount, "currency": "USD"}).encode()
+            answer = post(idempotency_key, body)
+            with lock:
+                if answer is not None and answer[0] in (200, 201, 202):
+                    accepted[str(answer[1]["id"])] = (idempotency_key, str(account), amount)
+                else:
+                    refused.append(answer[0] if answer else 0)
+
+    def accepted_count() -> int:
+        with lock:
+            return len(accepted)
+
+    def wait_for_progress(at_least: int, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while accepted_count() < at_least and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert accepted_count() >= at_least, "the load stopped making progress after a restart"
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for_progress(50)
+        for restart in (restart_rabbitmq, restart_redis, restart_postgres):
+            restart()
+            wait_for_progress(accepted_count() + 50)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(REQUEST_DEADLINE_S + 20)
+        ledger.pool.check()  # the restart broke the pooled connections of this test process: replace them
+
+    assert not refused, f"requests refused for good: {refused[:10]}"
+    operations = list(accepted)
+    deadline = time.monotonic() + 120
+    with psycopg.connect(settings.database_url, autocommit=True) as db:
+        while True:
+            row = db.execute(
+                "SELECT count(*) FROM idempotency_keys WHERE operation_id = ANY(%s::uuid[]) AND status <> 'pending'",
+                (operations,),
+            ).fetchone()
+            if (row and row[0] == len(operations)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert row == (len(operations),), f"{len(operations) - (row or (0,))[0]} accepted operations never settled"
+        postings = dict(
+            db.execute(
+                "SELECT operation_id::text, count(*) FROM transactions WHERE operation_id = ANY(%s::uuid[])"
+                " GROUP BY operation_id",
+                (operations,),
+            ).fetchall()
+        )
+        assert set(postings) == set(operations), "an accepted credit was not posted"
+        assert set(postings.values()) == {1}, "an operation was posted twice"
+        assert verify(db) == []
+    expected: dict[str, int] = {}
+    for _, account, amount in accepted.values():
+        expected[account] = expected.get(account, 0) + amount
+    assert {str(a): balance(ledger, tenant, a) for a in accounts if str(a) in expected} == expected
+    with capsys.disabled():
+        print(f"\n[restarts] accepted={len(operations)} settled={len(postings)} (RabbitMQ, Redis, PostgreSQL)")
