@@ -51,9 +51,11 @@ class Command:
                 body[name] = value
         return body
 
-    def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON form: equal requests, equal fingerprints."""
-        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    def fingerprint(self, body: dict[str, Any] | None = None) -> str:
+        """SHA-256 of the canonical JSON form: equal requests, equal fingerprints. `body` is `to_json()`,
+        when the caller has it already."""
+        body = self.to_json() if body is None else body
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -67,21 +67,16 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     a key sent twice in one group settles once and answers both alike. Raises `TransientConflict` when a
     concurrent transaction won (the caller runs the whole group again).
     """
-    fingerprints = [s.command.fingerprint() for s in submissions]
+    fingerprints: list[str] = []
     claims: dict[tuple[str, str], Claim] = {}
-    for submission, fingerprint in zip(submissions, fingerprints, strict=True):
-        command = submission.command
-        claims.setdefault(
-            (command.tenant_id, submission.idempotency_key),
-            Claim(
-                command.tenant_id,
-                submission.idempotency_key,
-                fingerprint,
-                submission.operation_id,
-                command.type,
-                command.to_json(),
-            ),
-        )
+    for submission in submissions:
+        command, key = submission.command, submission.idempotency_key
+        body = command.to_json()
+        fingerprints.append(command.fingerprint(body))
+        if (command.tenant_id, key) not in claims:
+            claims[(command.tenant_id, key)] = Claim(
+                command.tenant_id, key, fingerprints[-1], submission.operation_id, command.type, body
+            )
     with uow.writing(written_accounts(s.command for s in submissions)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
