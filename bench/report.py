@@ -1,4 +1,5 @@
-"""The results tables of bench/README.md, from the latest bench/results/*.json of each script.
+"""The results tables of bench/README.md, from every bench/results/*.json (oldest first per script): keep in
+results/ the runs the README should show, e.g. the same script at two client counts.
 
     .venv/bin/python bench/report.py            # print the Markdown
     .venv/bin/python bench/report.py --write    # replace the block between the markers in bench/README.md
@@ -22,9 +23,8 @@ README = ROOT / "bench" / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def latest(name: str) -> tuple[Path, dict[str, Any]] | None:
-    found = sorted(RESULTS.glob(f"{name}-*.json"))
-    return (found[-1], json.loads(found[-1].read_text())) if found else None
+def runs(name: str) -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, json.loads(path.read_text())) for path in sorted(RESULTS.glob(f"{name}-*.json"))]
 
 
 def num(value: float | None, digits: int = 0) -> str:
@@ -152,8 +152,7 @@ def e2e_section(path: Path, doc: dict[str, Any]) -> list[str]:
 def render() -> str:
     lines: list[str] = []
     for name, section in (("postings", engine_section), ("e2e", e2e_section), ("baseline", baseline_section)):
-        found = latest(name)
-        if found is not None:
+        for found in runs(name):
             lines += section(*found)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -16,8 +16,6 @@ from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused, LedgerError
 from core.domain.ids import new_id
 
-__all__ = ["Clock", "abandon", "accept", "execute", "give_up", "run", "utc_now"]
-
 
 def execute(
     command: Command,
