@@ -1,0 +1,134 @@
+"""Group settlement on in-memory fakes: order, duplicates, isolation of a poison command, outages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+import pytest
+
+from core.application.commands import Command, CreateAccount, Credit, Debit
+from core.application.group_commit import Unsettled, settle_group
+from core.application.ports import Posting, StoreUnavailable
+from core.application.retry import RetryPolicy
+from core.application.settle import Submission, settle
+from core.application.views import OperationResult, OperationStatus
+from core.domain.errors import IdempotencyKeyReused
+from core.domain.ids import new_id
+from core.domain.money import Money
+from tests.unit.fakes import Books, FakeLedger, FakeUnitOfWork
+
+
+def usd(amount: int) -> Money:
+    return Money.for_posting(amount, "USD")
+
+
+def submit(command: Command, key: str) -> Submission:
+    return Submission(command, key, new_id())
+
+
+@pytest.fixture
+def books() -> Books:
+    return Books()
+
+
+@pytest.fixture
+def account(books: Books) -> UUID:
+    [opened] = settle([submit(CreateAccount("acme", "USD"), "open")], uow=FakeUnitOfWork(books))
+    assert isinstance(opened, OperationResult) and opened.result is not None
+    return UUID(opened.result["account"]["id"])
+
+
+def test_each_command_sees_what_the_earlier_ones_of_its_group_left(books: Books, account: UUID) -> None:
+    uow = FakeUnitOfWork(books)
+    answers = settle(
+        [
+            submit(Debit("acme", account, usd(5)), "d1"),  # nothing there yet: refused
+            submit(Credit("acme", account, usd(10)), "c1"),
+            submit(Debit("acme", account, usd(7)), "d2"),  # sees the credit
+        ],
+        uow=uow,
+    )
+    assert [a.status for a in answers if isinstance(a, OperationResult)] == [
+        OperationStatus.FAILED,
+        OperationStatus.SUCCEEDED,
+        OperationStatus.SUCCEEDED,
+    ]
+    assert uow.commits == 1
+    assert books.accounts[account].balance == 3
+    assert [tx.kind for tx, _ in books.transactions] == ["credit", "debit"]
+
+
+def test_a_key_twice_in_a_group_settles_once_and_a_reused_key_is_refused_alone(
+    books: Books, account: UUID
+) -> None:
+    credit = Credit("acme", account, usd(4))
+    first, again, reused, other = settle(
+        [
+            submit(credit, "k"),
+            submit(credit, "k"),
+            submit(Debit("acme", account, usd(4)), "k"),
+            submit(Credit("acme", account, usd(1)), "other"),
+        ],
+        uow=FakeUnitOfWork(books),
+    )
+    assert isinstance(first, OperationResult) and isinstance(again, OperationResult)
+    assert (again.operation_id, again.replayed, first.replayed) == (first.operation_id, True, False)
+    assert isinstance(reused, IdempotencyKeyReused)
+    assert isinstance(other, OperationResult) and other.status is OperationStatus.SUCCEEDED
+    assert books.accounts[account].balance == 5
+    assert len(books.transactions) == 2
+
+
+class PoisonedLedger(FakeLedger):
+    """Fails to append any posting whose metadata says so, like a constraint one command trips."""
+
+    def append(self, postings: Sequence[Posting]) -> None:
+        if any("poison" in p.transaction.metadata for p in postings):
+            raise RuntimeError("poisoned posting")
+        super().append(postings)
+
+
+class PoisonedUnitOfWork(FakeUnitOfWork):
+    def __enter__(self) -> PoisonedUnitOfWork:
+        super().__enter__()
+        self.ledger = PoisonedLedger(self.working)
+        return self
+
+
+def test_a_poison_command_is_split_off_and_the_rest_of_its_group_commits(books: Books, account: UUID) -> None:
+    group = [submit(Credit("acme", account, usd(n)), f"c{n}") for n in range(1, 8)]
+    group.insert(5, submit(Credit("acme", account, usd(100), metadata={"poison": "yes"}), "bad"))
+    uows: list[PoisonedUnitOfWork] = []
+
+    def unit_of_work() -> PoisonedUnitOfWork:
+        uows.append(PoisonedUnitOfWork(books))
+        return uows[-1]
+
+    outcomes = settle_group(group, uow_factory=unit_of_work, retry=RetryPolicy(max_attempts=2))
+    assert isinstance(outcomes[5], Unsettled)
+    assert str(outcomes[5].error) == "poisoned posting"
+    assert all(isinstance(o, OperationResult) and o.status is OperationStatus.SUCCEEDED for o in outcomes[:5])
+    assert all(isinstance(o, OperationResult) and o.status is OperationStatus.SUCCEEDED for o in outcomes[6:])
+    assert books.accounts[account].balance == sum(range(1, 8))
+    assert ("acme", "bad") not in books.keys  # nothing of it was committed
+    # Halves down to the poison alone: fewer commits than commands, more than one.
+    assert 1 < sum(u.commits for u in uows) < len(group)
+
+
+class UnreachableUnitOfWork(FakeUnitOfWork):
+    def __enter__(self) -> UnreachableUnitOfWork:
+        raise StoreUnavailable("PostgreSQL is unavailable: OperationalError")
+
+
+def test_an_unreachable_database_is_nobody_s_fault_and_the_group_is_not_split(books: Books, account: UUID) -> None:
+    made: list[FakeUnitOfWork] = []
+
+    def unit_of_work() -> FakeUnitOfWork:
+        made.append(UnreachableUnitOfWork(books))
+        return made[-1]
+
+    group = [submit(Credit("acme", account, usd(n)), f"c{n}") for n in range(1, 5)]
+    with pytest.raises(StoreUnavailable):
+        settle_group(group, uow_factory=unit_of_work, retry=RetryPolicy(max_attempts=3))
+    assert len(made) == 1  # neither retried as a conflict nor split into halves
