@@ -40,6 +40,8 @@ class Settings:
     broker_retry_after_s: int = 5  # Retry-After sent with 503 when RabbitMQ is unreachable, seconds
     # --- workers -------------------------------------------------------------------------------------------
     command_queue: str = "ledger.commands"
+    request_exchange: str = "ledger.requests"  # where direct AMQP producers publish commands
+    request_queue: str = "ledger.requests"  # the workers' queue bound to it, one routing key per command type
     worker_max_retries: int = 8  # later tries of a command that failed on its own, before it is given up
     worker_min_backoff_ms: int = 200  # first retry delay, milliseconds (doubles, jittered)
     worker_max_backoff_ms: int = 30_000  # retry delay cap, milliseconds

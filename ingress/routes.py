@@ -14,6 +14,7 @@ from core.adapters.postgres.operations import enqueue_state, mark_enqueued
 from core.adapters.rabbitmq.commands import BrokerUnavailable
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import EntryView
+from core.application.requests import Body, CreateAccountBody, CreditBody, DebitBody, TransferBody, parse_body
 from core.application.views import OperationResult, account_json, operation_json, operation_path
 from core.domain.errors import (
     AccountNotFound,
@@ -28,15 +29,7 @@ from core.domain.errors import (
 from core.domain.ids import new_id
 from ingress.context import INGRESS, Ingress
 from ingress.middleware import TENANT
-from ingress.schemas import (
-    Body,
-    CreateAccountBody,
-    CreditBody,
-    DebitBody,
-    TransferBody,
-    parse_body,
-    parse_query,
-)
+from ingress.schemas import parse_query
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("ingress")

@@ -25,6 +25,8 @@ def settings() -> Iterator[Settings]:
         test_settings = Settings.from_env(
             database_url=database_url,
             command_queue=f"ledger.commands.{name}",  # private queue: no stray worker can take our commands
+            request_exchange=f"ledger.requests.{name}",  # and a private exchange for direct AMQP producers
+            request_queue=f"ledger.requests.{name}",
             log_level="WARNING",
         )
         migrate(test_settings)
@@ -68,3 +70,21 @@ def worker(service_env: dict[str, str]) -> Iterator[ManagedProcess]:
     """One real Dramatiq worker process consuming the test run's command queue."""
     with ManagedProcess.start(worker_command(), env=service_env, name="worker") as process:
         yield process
+
+
+@pytest.fixture
+def poison(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[dict[str, object]]:
+    """Metadata that makes PostgreSQL refuse the posting (a trigger raises): a command valid to the domain
+    that fails for a reason no retry fixes, standing for any bug or constraint one command may trip."""
+    db.execute(
+        "CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        " IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned posting'; END IF; RETURN NEW; END $$"
+    )
+    db.execute(
+        "CREATE TRIGGER test_poison BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_poison()"
+    )
+    try:
+        yield {"poison": "yes"}
+    finally:
+        db.execute("DROP TRIGGER test_poison ON transactions")
+        db.execute("DROP FUNCTION test_poison()")

@@ -4,8 +4,10 @@ when a Docker engine answers, else this machine's local services."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from core.settings import Settings
 
@@ -37,8 +39,21 @@ def postgres_admin_url() -> Iterator[str]:
         yield LOCAL_POSTGRES
 
 
+def private_queues(settings: Settings, suffix: str, **overrides: Any) -> Settings:
+    """`settings` with command queue, request exchange and request queue of their own (named `<name>.<suffix>`):
+    for a test's own worker or ingress, so `delete_queues` of it leaves the session's queues alone."""
+    return dataclasses.replace(
+        settings,
+        command_queue=f"{settings.command_queue}.{suffix}",
+        request_exchange=f"{settings.request_exchange}.{suffix}",
+        request_queue=f"{settings.request_queue}.{suffix}",
+        **overrides,
+    )
+
+
 def delete_queues(settings: Settings) -> None:
-    """Remove a test run's command queue and the delay, retry and dead-letter queues beside it."""
+    """Remove a test run's command queue, the delay, retry and dead-letter queues beside it, and the queue and
+    exchange of direct AMQP producers."""
     import pika
 
     from core.adapters.rabbitmq.commands import retry_delays_ms, retry_queue
@@ -58,5 +73,7 @@ def delete_queues(settings: Settings) -> None:
         channel = connection.channel()
         for name in (queue, f"{queue}.DQ", f"{queue}.XQ", *(retry_queue(queue, ms) for ms in set(delays))):
             channel.queue_delete(name)
+        channel.queue_delete(settings.request_queue)
+        channel.exchange_delete(settings.request_exchange)
     finally:
         connection.close()

@@ -13,6 +13,11 @@ dead-letter queue `<queue>.XQ`. A message that is not a valid command, or whose 
 another request, goes to the dead letters at once. When PostgreSQL cannot be reached, nothing is blamed:
 the worker waits and settles the same group again. A worker that dies at any point leaves its unacknowledged
 group to be redelivered, and settling it again replays what was committed.
+
+Commands of direct AMQP producers (`core/adapters/rabbitmq/requests.py`) join the same groups: their API keys
+are checked for the whole group in one query, their bodies with the HTTP schemas, and once settled (or
+refused) the worker answers on their `reply_to`. A retry carries them on as ordinary command messages, their
+reply address with them and their secret left behind.
 """
 
 from __future__ import annotations
@@ -26,16 +31,26 @@ from typing import Any
 import pika.exceptions
 import structlog
 
-from core.adapters.rabbitmq.commands import parse_command_message, retry_delays_ms, retry_message
+from core.adapters.postgres.api_keys import find_api_keys
+from core.adapters.rabbitmq.commands import (
+    ReplyTo,
+    command_message,
+    parse_command_message,
+    retry_delays_ms,
+    retry_message,
+)
 from core.adapters.rabbitmq.consumer import CommandConsumer, Delivery
+from core.adapters.rabbitmq.requests import ClientRequest, parse_request, reply_body, reply_of
 from core.adapters.redis.cache import SettlementPublisher
 from core.adapters.redis.client import sync_client
 from core.application.group_commit import Unsettled
 from core.application.ports import StoreUnavailable
+from core.application.requests import BODIES
 from core.application.settle import Submission
 from core.application.views import OperationResult, operation_json
 from core.bootstrap import LedgerService, bootstrap
-from core.domain.errors import LedgerError, ProcessingFailed
+from core.domain.errors import LedgerError, ProcessingFailed, Unauthorized
+from core.domain.ids import new_id
 from core.logs import configure_logging
 from core.settings import Settings
 
@@ -54,7 +69,24 @@ class Verdicts:
     announce: list[tuple[str, OperationResult]] = field(default_factory=list)  # (tenant, outcome)
     dead_letter: list[int] = field(default_factory=list)  # delivery tags
     retry: list[tuple[bytes, int]] = field(default_factory=list)  # (message, attempt)
-    last_tag: int = 0
+    replies: list[tuple[ReplyTo, dict[str, Any], bool]] = field(default_factory=list)  # (to, document, problem)
+
+    def refuse(self, delivery: Delivery, reply: ReplyTo | None, error: LedgerError) -> None:
+        """A message that can never settle: answered if it asked, then dead-lettered, unless a client
+        published it (its headers hold the client's secret: it is dropped)."""
+        if reply is not None:
+            self.replies.append((reply, error.to_problem(), True))
+        if not delivery.from_client:
+            self.dead_letter.append(delivery.tag)
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    delivery: Delivery
+    document: dict[str, Any]  # the command message, as a retry sends it on
+    submission: Submission
+    retries: int
+    reply: ReplyTo | None
 
 
 class CommandWorker:
@@ -107,7 +139,13 @@ class CommandWorker:
             self.consumer.retry_later(body, attempt=attempt)
         for tag in verdicts.dead_letter:
             self.consumer.dead_letter(tag)
-        self.consumer.ack_through(verdicts.last_tag)
+        # A multiple-ack must name a tag still outstanding: the last one not rejected above, if any.
+        rejected = set(verdicts.dead_letter)
+        kept = [delivery.tag for delivery in group if delivery.tag not in rejected]
+        if kept:
+            self.consumer.ack_through(max(kept))
+        for reply, document, problem in verdicts.replies:
+            self.consumer.reply(reply, reply_body(document), problem=problem)
         self.settlements.settled_many(
             [
                 (str(outcome.operation_id), {"tenant_id": tenant, "operation": operation_json(outcome)})
@@ -118,45 +156,32 @@ class CommandWorker:
 
     def decide(self, group: list[Delivery]) -> Verdicts:
         """Settle the group and decide each message's fate; touches PostgreSQL only, so it can run again."""
-        verdicts = Verdicts(last_tag=group[-1].tag)
-        parsed: list[tuple[Delivery, dict[str, Any], Submission, int]] = []
-        for delivery in group:
-            try:
-                document, queued = parse_command_message(delivery.body)
-            except LedgerError as exc:
-                log.error("worker.message_invalid", error=exc.detail, tag=delivery.tag)
-                verdicts.dead_letter.append(delivery.tag)
-                continue
-            submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
-            parsed.append((delivery, document, submission, queued.retries))
+        verdicts = Verdicts()
+        parsed = self._parse(group, verdicts)
         started = time.perf_counter()
-        outcomes = self.ledger.settle_group([submission for _, _, submission, _ in parsed])
-        for (delivery, document, submission, retries), outcome in zip(parsed, outcomes, strict=True):
-            tenant = submission.command.tenant_id
-            if isinstance(outcome, OperationResult):
-                verdicts.announce.append((tenant, outcome))
-            elif isinstance(outcome, Unsettled) and retries < self.settings.worker_max_retries:
-                verdicts.retry.append((retry_message(document), retries + 1))
-            elif isinstance(outcome, Unsettled):
-                verdicts.dead_letter.append(delivery.tag)
-                error = ProcessingFailed(f"gave up after {retries} retries", retries=retries)
+        outcomes = self.ledger.settle_group([p.submission for p in parsed])
+        for p, outcome in zip(parsed, outcomes, strict=True):
+            tenant = p.submission.command.tenant_id
+            if isinstance(outcome, Unsettled) and p.retries < self.settings.worker_max_retries:
+                verdicts.retry.append((retry_message(p.document), p.retries + 1))
+                continue
+            if isinstance(outcome, Unsettled):
+                if not p.delivery.from_client:
+                    verdicts.dead_letter.append(p.delivery.tag)
                 try:
-                    failed = self.ledger.give_up(
-                        submission.command,
-                        idempotency_key=submission.idempotency_key,
-                        operation_id=submission.operation_id,
-                        error=error,
-                    )
+                    outcome = self._give_up(p.submission, p.retries)
                 except StoreUnavailable:
                     raise
                 except Exception:  # not even its failure can be stored: the dead letter keeps the command
-                    log.exception("operation.give_up_failed", operation_id=str(submission.operation_id))
+                    log.exception("operation.give_up_failed", operation_id=str(p.submission.operation_id))
                     continue
-                log.error("operation.processing_failed", operation_id=str(submission.operation_id), retries=retries)
-                verdicts.announce.append((tenant, failed))
-            else:  # the message itself is wrong (its key belongs to another request): no retry can fix it
-                log.error("worker.message_refused", operation_id=str(submission.operation_id), code=outcome.code)
-                verdicts.dead_letter.append(delivery.tag)
+            if isinstance(outcome, OperationResult):
+                verdicts.announce.append((tenant, outcome))
+                if p.reply is not None:
+                    verdicts.replies.append((p.reply, operation_json(outcome), False))
+            else:  # the request itself is wrong (its key belongs to another request): no retry can fix it
+                log.error("worker.message_refused", operation_id=str(p.submission.operation_id), code=outcome.code)
+                verdicts.refuse(p.delivery, p.reply, outcome)
         log.info(
             "worker.group_settled",
             size=len(group),
@@ -166,6 +191,58 @@ class CommandWorker:
             ms=round((time.perf_counter() - started) * 1000, 2),
         )
         return verdicts
+
+    def _parse(self, group: list[Delivery], verdicts: Verdicts) -> list[Parsed]:
+        """The group's commands; the messages that are none are refused in `verdicts`."""
+        parsed: list[Parsed] = []
+        requests: list[tuple[Delivery, ClientRequest, ReplyTo | None]] = []
+        for delivery in group:
+            reply = reply_of(delivery.properties) if delivery.from_client else None
+            try:
+                if delivery.from_client:
+                    requests.append(
+                        (delivery, parse_request(delivery.routing_key, delivery.properties, delivery.body), reply)
+                    )
+                    continue
+                document, queued = parse_command_message(delivery.body)
+            except LedgerError as exc:
+                log.warning("worker.message_invalid", code=exc.code, tag=delivery.tag, from_client=delivery.from_client)
+                verdicts.refuse(delivery, reply, exc)
+                continue
+            submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
+            parsed.append(Parsed(delivery, document, submission, queued.retries, queued.reply))
+        # One query authenticates every client message of the group; the tenant is the key's, never the body's.
+        keys = find_api_keys(self.ledger.pool, {request.secret for _, request, _ in requests}) if requests else {}
+        for delivery, request, reply in requests:
+            api_key = keys.get(request.secret)
+            try:
+                if api_key is None:
+                    raise Unauthorized("the API key is unknown or revoked")
+                command = request.body.to_command(api_key.tenant_id)
+            except LedgerError as exc:
+                verdicts.refuse(delivery, reply, exc)
+                continue
+            submission = Submission(command, request.idempotency_key, new_id())
+            message = command_message(
+                queue_name=self.settings.command_queue,
+                operation_id=submission.operation_id,
+                idempotency_key=submission.idempotency_key,
+                command=command,
+                reply=reply,
+            )
+            parsed.append(Parsed(delivery, message.asdict(), submission, 0, reply))
+        return parsed
+
+    def _give_up(self, submission: Submission, retries: int) -> OperationResult:
+        error = ProcessingFailed(f"gave up after {retries} retries", retries=retries)
+        failed = self.ledger.give_up(
+            submission.command,
+            idempotency_key=submission.idempotency_key,
+            operation_id=submission.operation_id,
+            error=error,
+        )
+        log.error("operation.processing_failed", operation_id=str(submission.operation_id), retries=retries)
+        return failed
 
 
 def build(settings: Settings) -> CommandWorker:
@@ -181,6 +258,9 @@ def build(settings: Settings) -> CommandWorker:
         group_max=settings.worker_group_max,
         group_wait_s=settings.worker_group_wait_ms / 1000,
         prefetch=2 * settings.worker_group_max,
+        request_exchange=settings.request_exchange,
+        request_queue=settings.request_queue,
+        request_types=list(BODIES),
     )
     ledger = bootstrap(settings, pool_size=2)
     return CommandWorker(ledger, consumer, SettlementPublisher(sync_client(settings.redis_url)), settings=settings)

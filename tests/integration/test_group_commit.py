@@ -3,12 +3,9 @@ can spoil the others."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Iterator
 from uuid import UUID
 
 import psycopg
-import pytest
 
 from core.adapters.postgres.verify import verify
 from core.adapters.rabbitmq.commands import CommandPublisher
@@ -25,7 +22,7 @@ from core.settings import Settings
 from tests.helpers import balance, credit, key, open_account
 from tests.integration.test_worker_failures import dead_letters, wait_for_lock_waiter, wait_until_settled
 from tests.processes import ManagedProcess, settings_env, worker_command
-from tests.services import delete_queues
+from tests.services import delete_queues, private_queues
 
 
 def usd(amount: int) -> Money:
@@ -39,24 +36,6 @@ def submit(command: object, idempotency_key: str | None = None) -> Submission:
 def results(outcomes: list[object]) -> list[OperationResult]:
     assert all(isinstance(o, OperationResult) for o in outcomes), outcomes
     return outcomes  # type: ignore[return-value]
-
-
-@pytest.fixture
-def poison(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[dict[str, object]]:
-    """Metadata that makes PostgreSQL refuse the posting (a trigger raises): a command valid to the domain
-    that fails for a reason no retry fixes, standing for any bug or constraint one command may trip."""
-    db.execute(
-        "CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-        " IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned posting'; END IF; RETURN NEW; END $$"
-    )
-    db.execute(
-        "CREATE TRIGGER test_poison BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_poison()"
-    )
-    try:
-        yield {"poison": "yes"}
-    finally:
-        db.execute("DROP TRIGGER test_poison ON transactions")
-        db.execute("DROP FUNCTION test_poison()")
 
 
 def postings_of(db: psycopg.Connection[tuple[object, ...]], tenant: str) -> list[tuple[object, ...]]:
@@ -158,9 +137,9 @@ def publish(settings: Settings, items: list[tuple[UUID, str, object]]) -> None:
 def test_a_worker_gives_up_on_a_poison_message_alone_and_settles_its_group(
     settings: Settings, ledger: LedgerService, tenant: str, poison: dict[str, object]
 ) -> None:
-    impatient = dataclasses.replace(
+    impatient = private_queues(
         settings,
-        command_queue=f"{settings.command_queue}.poison",
+        "poison",
         worker_max_retries=2,
         worker_min_backoff_ms=50,
         worker_max_backoff_ms=100,
@@ -188,7 +167,7 @@ def test_a_worker_gives_up_on_a_poison_message_alone_and_settles_its_group(
 def test_a_worker_killed_mid_group_leaves_every_command_to_settle_exactly_once(
     settings: Settings, ledger: LedgerService, tenant: str, db: psycopg.Connection[tuple[object, ...]]
 ) -> None:
-    queue = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.kill9group")
+    queue = private_queues(settings, "kill9group")
     env = settings_env(queue)
     accounts = [open_account(ledger, tenant) for _ in range(5)]
     items = [(new_id(), key(), Credit(tenant, accounts[n % 5], usd(100 + n))) for n in range(40)]

@@ -24,7 +24,7 @@ from core.settings import Settings
 from ingress.app import init_app
 from ingress.context import INGRESS
 from tests.processes import ManagedProcess
-from tests.services import delete_queues
+from tests.services import delete_queues, private_queues
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 CLOSED_PORT_AMQP = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -337,7 +337,7 @@ async def test_prefer_wait_answers_202_when_not_settled_in_time(
     aiohttp_client: ClientFactory, settings: Settings, api_key: str, ledger: LedgerService
 ) -> None:
     # No worker consumes this queue, so nothing settles.
-    lonely = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.unconsumed")
+    lonely = private_queues(settings, "unconsumed")
     try:
         node = await aiohttp_client(init_app(lonely))
         started = asyncio.get_running_loop().time()

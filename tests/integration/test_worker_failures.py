@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pika
@@ -17,7 +16,7 @@ from core.domain.money import Money
 from core.settings import Settings
 from tests.helpers import balance, open_account
 from tests.processes import ManagedProcess, settings_env, worker_command
-from tests.services import delete_queues
+from tests.services import delete_queues, private_queues
 from workers.redeliver import RedeliverySweeper
 
 
@@ -55,9 +54,9 @@ def test_an_accepted_command_that_never_reached_the_queue_is_redelivered(
 def test_retries_exhausted_settle_as_processing_failed_and_dead_letter(
     settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
-    impatient = dataclasses.replace(
+    impatient = private_queues(
         settings,
-        command_queue=f"{settings.command_queue}.exhaust",
+        "exhaust",
         worker_max_retries=1,
         worker_min_backoff_ms=50,
         worker_max_backoff_ms=100,
@@ -104,7 +103,7 @@ def dead_letters(settings: Settings) -> int:
 def test_a_worker_killed_mid_posting_leaves_the_command_to_settle_exactly_once(
     settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
-    queue = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.kill9")
+    queue = private_queues(settings, "kill9")
     env = settings_env(queue)
     account = open_account(ledger, tenant)
     operation_id = new_id()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -56,3 +57,17 @@ def find_api_key(pool: ConnectionPool, secret: str) -> ApiKey | None:
             (hash_secret(secret),),
         ).fetchone()
     return ApiKey(row[0], row[1]) if row else None
+
+
+def find_api_keys(pool: ConnectionPool, secrets_: Collection[str]) -> dict[str, ApiKey]:
+    """`find_api_key` for a whole group of messages, in one query; unknown and revoked secrets are left out.
+    No cache: a revocation holds from the next group on."""
+    candidates = {hash_secret(s): s for s in secrets_ if s.startswith(SECRET_PREFIX) and len(s) <= 200}
+    if not candidates:
+        return {}
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT key_hash, id, tenant_id FROM api_keys WHERE key_hash = ANY(%s) AND revoked_at IS NULL",
+            (list(candidates),),
+        ).fetchall()
+    return {candidates[digest]: ApiKey(key_id, tenant_id) for digest, key_id, tenant_id in rows}

@@ -28,6 +28,14 @@ BLOCKED_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where a direct AMQP producer wants the settled result: a queue, and its correlation id."""
+
+    queue: str
+    correlation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class QueuedCommand:
     """A command message as a worker reads it."""
 
@@ -35,6 +43,7 @@ class QueuedCommand:
     idempotency_key: str
     command: Command
     retries: int  # times it was already sent back for a later try
+    reply: ReplyTo | None  # a direct AMQP producer's, carried along through retries
 
 
 def parse_command_message(body: bytes) -> tuple[dict[str, Any], QueuedCommand]:
@@ -42,14 +51,17 @@ def parse_command_message(body: bytes) -> tuple[dict[str, Any], QueuedCommand]:
     try:
         document = json.loads(body)
         kwargs = document["kwargs"]
-        retries = document.get("options", {}).get("retries", 0)
+        options = document.get("options", {})
+        retries = options.get("retries", 0)
         if type(retries) is not int or retries < 0:
             raise ValueError("options.retries must be a non-negative integer")
+        reply_to, correlation_id = options.get("reply_to"), options.get("correlation_id")
         queued = QueuedCommand(
             UUID(kwargs["operation_id"]),
             validate_idempotency_key(kwargs["idempotency_key"]),
             command_from_json(kwargs["command"]),
             retries,
+            ReplyTo(str(reply_to), None if correlation_id is None else str(correlation_id)) if reply_to else None,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValidationFailed(f"not a command message: {exc}") from None
@@ -88,14 +100,15 @@ class BrokerUnavailable(Exception):
 
 
 def command_message(
-    *, queue_name: str, operation_id: UUID, idempotency_key: str, command: Command
+    *, queue_name: str, operation_id: UUID, idempotency_key: str, command: Command, reply: ReplyTo | None = None
 ) -> dramatiq.Message[Any]:
+    options = {} if reply is None else {"reply_to": reply.queue, "correlation_id": reply.correlation_id}
     return dramatiq.Message(
         queue_name=queue_name,
         actor_name=EXECUTE_ACTOR,
         args=(),
         kwargs={"operation_id": str(operation_id), "idempotency_key": idempotency_key, "command": command.to_json()},
-        options={},
+        options=options,
         message_id=str(operation_id),
     )
 

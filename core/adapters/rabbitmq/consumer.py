@@ -1,4 +1,8 @@
-"""The command queue, read in groups for group commit (pika, blocking: one worker process, one consumer).
+"""The command queues, read in groups for group commit (pika, blocking: one worker process, one consumer).
+
+Two queues feed the same groups: the ingress's command queue (Dramatiq's message format) and the queue of
+direct AMQP producers (`requests.py`), bound to the `ledger.requests` exchange by command type. Delivery tags
+are the channel's, so one multiple-ack covers both.
 
 RabbitMQ hands the consumer up to `prefetch` unacknowledged messages. `next_group` waits for one, then up to
 `group_wait_s` for more, and returns at most `group_max`. Once the group is settled and committed, the worker
@@ -20,11 +24,7 @@ import pika.channel
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from core.adapters.rabbitmq.commands import (
-    dead_letter_queue,
-    main_queue_arguments,
-    retry_queue,
-)
+from core.adapters.rabbitmq.commands import ReplyTo, dead_letter_queue, main_queue_arguments, retry_queue
 from core.adapters.rabbitmq.connection import connection_parameters
 
 # Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
@@ -33,11 +33,18 @@ DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 BLOCKED_TIMEOUT_S = 30.0
 
 
+class ConsumerCancelled(pika.exceptions.AMQPError):  # type: ignore[misc]  # pika is untyped
+    """RabbitMQ cancelled our consumer (its queue was deleted): open again, which declares the queues anew."""
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     tag: int
     body: bytes
     redelivered: bool
+    from_client: bool  # published by a direct AMQP producer, not by the ingress or a retry
+    routing_key: str
+    properties: pika.spec.BasicProperties
 
 
 class CommandConsumer:
@@ -50,8 +57,14 @@ class CommandConsumer:
         group_max: int,
         group_wait_s: float,
         prefetch: int,
+        request_exchange: str,
+        request_queue: str,
+        request_types: Sequence[str],
     ) -> None:
         self.queue_name = queue_name
+        self.request_exchange = request_exchange
+        self.request_queue = request_queue
+        self.request_types = list(request_types)
         self.retry_delays_ms = list(retry_delays_ms)
         self.group_max = group_max
         self.group_wait_s = group_wait_s
@@ -59,13 +72,16 @@ class CommandConsumer:
         self._parameters = connection_parameters(amqp_url, blocked_timeout=BLOCKED_TIMEOUT_S)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._replies: BlockingChannel | None = None  # no confirms: a reply is a courtesy, the result is stored
         self._received: deque[Delivery] = deque()
+        self._cancelled = False
 
     def open(self) -> None:
         """Connect, declare the queues (Dramatiq's main and dead-letter queues, one retry queue per delay)
         and start consuming."""
         self.close()
         self._received.clear()  # their tags died with the old channel; RabbitMQ redelivers them
+        self._cancelled = False
         connection = self._connection = pika.BlockingConnection(self._parameters)
         channel = self._channel = connection.channel()
         channel.confirm_delivery()  # a retry sent back must be taken before its original is acknowledged
@@ -83,21 +99,41 @@ class CommandConsumer:
                     "x-dead-letter-routing-key": self.queue_name,
                 },
             )
+        channel.exchange_declare(self.request_exchange, exchange_type="direct", durable=True)
+        channel.queue_declare(self.request_queue, durable=True)
+        for command_type in self.request_types:
+            channel.queue_bind(self.request_queue, self.request_exchange, routing_key=command_type)
+        channel.add_on_cancel_callback(self._on_cancel)
         channel.basic_qos(prefetch_count=self.prefetch)
-        channel.basic_consume(self.queue_name, self._on_message)
+        channel.basic_consume(self.queue_name, self._on_command)
+        channel.basic_consume(self.request_queue, self._on_request)
+        self._replies = connection.channel()
 
     @property
     def is_open(self) -> bool:
         return self._connection is not None and self._connection.is_open
 
-    def _on_message(
+    def _on_command(
         self,
         channel: BlockingChannel,
         method: pika.spec.Basic.Deliver,
         properties: pika.spec.BasicProperties,
         body: bytes,
     ) -> None:
-        self._received.append(Delivery(method.delivery_tag, body, bool(method.redelivered)))
+        self._received.append(Delivery(method.delivery_tag, body, bool(method.redelivered), False, "", properties))
+
+    def _on_request(
+        self,
+        channel: BlockingChannel,
+        method: pika.spec.Basic.Deliver,
+        properties: pika.spec.BasicProperties,
+        body: bytes,
+    ) -> None:
+        delivery = Delivery(method.delivery_tag, body, bool(method.redelivered), True, method.routing_key, properties)
+        self._received.append(delivery)
+
+    def _on_cancel(self, method: object) -> None:
+        self._cancelled = True
 
     def next_group(self, *, timeout_s: float) -> list[Delivery]:
         """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most
@@ -106,6 +142,8 @@ class CommandConsumer:
         deadline = time.monotonic() + timeout_s
         while not self._received and (remaining := deadline - time.monotonic()) > 0:
             connection.process_data_events(time_limit=remaining)
+            if self._cancelled:
+                raise ConsumerCancelled("RabbitMQ cancelled the consumer")
         if not self._received:
             return []
         deadline = time.monotonic() + self.group_wait_s
@@ -124,6 +162,14 @@ class CommandConsumer:
             mandatory=True,
         )
 
+    def reply(self, reply: ReplyTo, body: bytes, *, problem: bool) -> None:
+        """Answer a direct AMQP producer on its reply queue (dropped by RabbitMQ if that queue is gone)."""
+        if self._replies is None:
+            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
+        content_type = "application/problem+json" if problem else "application/json"
+        properties = pika.BasicProperties(content_type=content_type, correlation_id=reply.correlation_id)
+        self._replies.basic_publish("", reply.queue, body, properties)
+
     def dead_letter(self, tag: int) -> None:
         """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""
         self._require_channel().basic_nack(tag, multiple=False, requeue=False)
@@ -140,7 +186,7 @@ class CommandConsumer:
             time.sleep(seconds)
 
     def close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
+        connection, self._connection, self._channel, self._replies = self._connection, None, None, None
         if connection is not None and connection.is_open:
             # Already gone or not: unacknowledged messages go back to the queue either way.
             with contextlib.suppress(pika.exceptions.AMQPError):

@@ -1,0 +1,90 @@
+"""Request bodies, the one schema of every way in (HTTP and direct AMQP): pydantic models, strict, no unknown
+fields. `BODIES` names each body by its command type, which is also its AMQP routing key.
+
+Types are checked here (an amount must be a JSON integer, ids UUID strings); the business bounds (amount > 0,
+known currency, metadata size...) are the domain's, so HTTP and AMQP reject the same things with the same codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.application.commands import Command, CreateAccount, Credit, Debit, Transfer
+from core.domain.errors import RequestInvalid, ValidationFailed
+from core.domain.model import OverdraftPolicy
+from core.domain.money import Money
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    def to_command(self, tenant_id: str) -> Command:
+        raise NotImplementedError
+
+
+class CreateAccountBody(Body):
+    currency: str
+    overdraft_limit: int = 0  # minor units the account may go below zero; 0 = debits must not exceed credits
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    id: UUID | None = None  # optional client-chosen account id
+
+    def to_command(self, tenant_id: str) -> Command:
+        return CreateAccount(tenant_id, self.currency, OverdraftPolicy(self.overdraft_limit), self.metadata, self.id)
+
+
+class CreditBody(Body):
+    account_id: UUID
+    amount: int  # minor units
+    currency: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def to_command(self, tenant_id: str) -> Command:
+        return Credit(tenant_id, self.account_id, Money.for_posting(self.amount, self.currency), self.metadata)
+
+
+class DebitBody(CreditBody):
+    def to_command(self, tenant_id: str) -> Command:
+        return Debit(tenant_id, self.account_id, Money.for_posting(self.amount, self.currency), self.metadata)
+
+
+class TransferBody(Body):
+    source_id: UUID
+    destination_id: UUID
+    amount: int  # minor units
+    currency: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def to_command(self, tenant_id: str) -> Command:
+        money = Money.for_posting(self.amount, self.currency)
+        return Transfer(tenant_id, self.source_id, self.destination_id, money, self.metadata)
+
+
+# Body of each command a client may send, by command type (HTTP route and AMQP routing key alike).
+BODIES: dict[str, type[Body]] = {
+    CreateAccount.type: CreateAccountBody,
+    Credit.type: CreditBody,
+    Debit.type: DebitBody,
+    Transfer.type: TransferBody,
+}
+
+
+def parse_body(model: type[Body], raw: bytes) -> Body:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None
+
+
+def validation_problem(exc: ValidationError, *, status: int = 422) -> RequestInvalid | ValidationFailed:
+    errors = [
+        {"field": ".".join(str(part) for part in err["loc"]) or "(body)", "message": err["msg"]}
+        for err in exc.errors(include_url=False, include_input=False)
+    ]
+    if any(err["type"] == "json_invalid" for err in exc.errors()):
+        return RequestInvalid("the body is not valid JSON", errors=errors)
+    if status == 400:
+        return RequestInvalid("invalid query parameters", errors=errors)
+    return ValidationFailed("; ".join(f"{e['field']}: {e['message']}" for e in errors), errors=errors)
