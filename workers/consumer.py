@@ -117,6 +117,13 @@ class CommandWorker:
                 self.consumer.close()
                 time.sleep(backoff)
                 backoff = min(RECONNECT_CAP_S, backoff * 2)
+            except Exception:
+                # A bug, not an outage: the group goes back to the queue and the worker starts afresh, slowly,
+                # rather than exiting and leaving the queue unserved.
+                log.exception("worker.group_crashed", retry_in_s=backoff)
+                self.consumer.close()
+                time.sleep(backoff)
+                backoff = min(RECONNECT_CAP_S, backoff * 2)
         self.consumer.close()
 
     def stop(self) -> None:

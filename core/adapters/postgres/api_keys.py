@@ -8,8 +8,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from uuid import UUID
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
+from core.application.ports import StoreUnavailable
 from core.domain.ids import new_id
 from core.domain.model import validate_tenant_id
 
@@ -65,9 +67,12 @@ def find_api_keys(pool: ConnectionPool, secrets_: Collection[str]) -> dict[str, 
     candidates = {hash_secret(s): s for s in secrets_ if s.startswith(SECRET_PREFIX) and len(s) <= 200}
     if not candidates:
         return {}
-    with pool.connection() as conn:
-        rows = conn.execute(
-            "SELECT key_hash, id, tenant_id FROM api_keys WHERE key_hash = ANY(%s) AND revoked_at IS NULL",
-            (list(candidates),),
-        ).fetchall()
+    try:
+        with pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT key_hash, id, tenant_id FROM api_keys WHERE key_hash = ANY(%s) AND revoked_at IS NULL",
+                (list(candidates),),
+            ).fetchall()
+    except psycopg.OperationalError as exc:  # the pool's timeout included
+        raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
     return {candidates[digest]: ApiKey(key_id, tenant_id) for digest, key_id, tenant_id in rows}
