@@ -74,6 +74,7 @@ def delete_queues(settings: Settings) -> None:
         for name in (queue, f"{queue}.DQ", f"{queue}.XQ", *(retry_queue(queue, ms) for ms in set(delays))):
             channel.queue_delete(name)
         channel.queue_delete(settings.request_queue)
+        channel.queue_delete(f"{settings.request_queue}.XQ")
         channel.exchange_delete(settings.request_exchange)
     finally:
         connection.close()

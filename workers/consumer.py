@@ -68,15 +68,18 @@ class Verdicts:
 
     announce: list[tuple[str, OperationResult]] = field(default_factory=list)  # (tenant, outcome)
     dead_letter: list[int] = field(default_factory=list)  # delivery tags
+    refused: list[tuple[Delivery, LedgerError]] = field(default_factory=list)  # client messages, kept apart
     retry: list[tuple[bytes, int]] = field(default_factory=list)  # (message, attempt)
     replies: list[tuple[ReplyTo, dict[str, Any], bool]] = field(default_factory=list)  # (to, document, problem)
 
     def refuse(self, delivery: Delivery, reply: ReplyTo | None, error: LedgerError) -> None:
-        """A message that can never settle: answered if it asked, then dead-lettered, unless a client
-        published it (its headers hold the client's secret: it is dropped)."""
+        """A message that can never settle: answered if it asked, then dead-lettered with its reason. A
+        client's message is copied to its own dead-letter queue without its secret instead."""
         if reply is not None:
             self.replies.append((reply, error.to_problem(), True))
-        if not delivery.from_client:
+        if delivery.from_client:
+            self.refused.append((delivery, error))
+        else:
             self.dead_letter.append(delivery.tag)
 
 
@@ -146,6 +149,8 @@ class CommandWorker:
             self.consumer.retry_later(body, attempt=attempt)
         for tag in verdicts.dead_letter:
             self.consumer.dead_letter(tag)
+        for delivery, error in verdicts.refused:
+            self.consumer.refuse_request(delivery, code=error.code, reason=error.detail)
         # A multiple-ack must name a tag still outstanding: the last one not rejected above, if any.
         rejected = set(verdicts.dead_letter)
         kept = [delivery.tag for delivery in group if delivery.tag not in rejected]

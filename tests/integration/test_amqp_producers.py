@@ -15,6 +15,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
 from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
+from core.adapters.rabbitmq.producer import LedgerProducer
 from core.application.commands import Transfer
 from core.bootstrap import LedgerService
 from core.domain.money import Money
@@ -180,9 +181,10 @@ def test_business_rejections_and_other_tenants_accounts_answer_as_over_http(
         ("credit", {"account_id": ACCOUNT, "amount": 5, "currency": "USD"}, True, None, "idempotency-key-missing"),
         ("credit", {"account_id": ACCOUNT, "amount": 5, "currency": "USD"}, True, "a b", "idempotency-key-invalid"),
         ("credit", {"account_id": ACCOUNT, "amount": 5, "currency": "USD"}, False, "k", "unauthorized"),
+        ("credit", b"{" + b" " * 70_000 + b"}", True, "k", "payload-too-large"),
     ],
 )  # fmt: skip
-def test_refused_messages_are_answered_with_a_problem_and_dropped(
+def test_refused_messages_are_answered_and_kept_with_their_reason_but_not_their_secret(
     producer: Producer,
     settings: Settings,
     secret: str,
@@ -192,13 +194,20 @@ def test_refused_messages_are_answered_with_a_problem_and_dropped(
     message_id: str | None,
     code: str,
 ) -> None:
+    drain(settings, f"{settings.request_queue}.XQ")  # what earlier tests left
     content_type, problem = producer.call(
         command_type, body, secret=secret if auth else None, message_id=message_id and f"{message_id}-{key()}"
     )
     assert (content_type, problem["code"]) == ("application/problem+json", code)
     assert secret not in json.dumps(problem)
-    # Dropped, not dead-lettered (it carries the client's secret), and the worker goes on serving.
-    assert queue_depth(settings, settings.request_queue) == 0
+    # Not dropped silently: kept in the request queue's dead letters, with the reason and without the secret.
+    [(properties, kept)] = drain(settings, f"{settings.request_queue}.XQ")
+    assert properties.headers["x-refused-code"] == code
+    assert properties.headers["x-refused-reason"]
+    assert "authorization" not in properties.headers
+    assert secret not in repr(properties) and secret.encode() not in kept
+    assert kept == (body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert queue_depth(settings, settings.request_queue) == 0  # and the worker goes on serving
 
 
 def test_an_unknown_command_is_unroutable(producer: Producer, settings: Settings, secret: str) -> None:
@@ -243,6 +252,21 @@ def test_a_command_without_reply_to_settles_all_the_same(
     while balance(ledger, tenant, account) != sum(range(1, 21)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert balance(ledger, tenant, account) == sum(range(1, 21))
+
+
+def drain(settings: Settings, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Every message in `queue`, taken off it."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    found = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return found
+            found.append((properties, body))
+    finally:
+        connection.close()
 
 
 def queue_depth(settings: Settings, queue: str) -> int:
@@ -296,3 +320,19 @@ def dead_letter_bodies(settings: Settings) -> bytes:
             found += body + repr(properties.headers).encode()
     finally:
         connection.close()
+
+
+def test_the_shipped_producer_publishes_with_confirms_and_awaits_the_answer(
+    producer: Producer, settings: Settings, ledger: LedgerService, tenant: str, secret: str
+) -> None:
+    account = open_account(ledger, tenant)
+    with LedgerProducer(settings.amqp_url, api_key=secret, exchange=settings.request_exchange) as client:
+        answer = client.send(
+            "credit", {"account_id": str(account), "amount": 42, "currency": "USD"}, idempotency_key="typed-1"
+        )
+        assert (answer.problem, answer.document["status"]) == (False, "succeeded")
+        refused = client.send("credit", {"account_id": "nope"}, idempotency_key="typed-2")
+        assert (refused.problem, refused.document["code"]) == (True, "validation-failed")
+        with pytest.raises(pika.exceptions.UnroutableError):
+            client.send("refund", {}, idempotency_key="typed-3")
+    assert balance(ledger, tenant, account) == 42

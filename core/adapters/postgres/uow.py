@@ -298,10 +298,7 @@ class PostgresOutbox(Outbox):
             " AS u(i uuid, t text, tn text, p jsonb, at timestamptz)",
             (
                 rows_json(
-                    [
-                        {"i": e.id, "t": e.type, "tn": e.tenant_id, "p": e.payload, "at": e.occurred_at}
-                        for e in events
-                    ]
+                    [{"i": e.id, "t": e.type, "tn": e.tenant_id, "p": e.payload, "at": e.occurred_at} for e in events]
                 ),
             ),
         )

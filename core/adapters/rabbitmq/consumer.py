@@ -26,6 +26,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from core.adapters.rabbitmq.commands import ReplyTo, dead_letter_queue, main_queue_arguments, retry_queue
 from core.adapters.rabbitmq.connection import connection_parameters
+from core.adapters.rabbitmq.requests import AUTHORIZATION_HEADER
 
 # Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
 DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
@@ -101,6 +102,9 @@ class CommandConsumer:
             )
         channel.exchange_declare(self.request_exchange, exchange_type="direct", durable=True)
         channel.queue_declare(self.request_queue, durable=True)
+        channel.queue_declare(
+            dead_letter_queue(self.request_queue), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
+        )
         for command_type in self.request_types:
             channel.queue_bind(self.request_queue, self.request_exchange, routing_key=command_type)
         channel.add_on_cancel_callback(self._on_cancel)
@@ -169,6 +173,26 @@ class CommandConsumer:
         content_type = "application/problem+json" if problem else "application/json"
         properties = pika.BasicProperties(content_type=content_type, correlation_id=reply.correlation_id)
         self._replies.basic_publish("", reply.queue, body, properties)
+
+    def refuse_request(self, delivery: Delivery, *, code: str, reason: str) -> None:
+        """Keep a refused client message in `<request queue>.XQ` with why, minus its secret; confirmed (the
+        original is then acknowledged with its group). Nothing a client sends is dropped silently."""
+        properties = delivery.properties
+        headers = {k: v for k, v in (properties.headers or {}).items() if k.lower() != AUTHORIZATION_HEADER}
+        headers.update(
+            {"x-refused-code": code, "x-refused-reason": reason[:1000], "x-routing-key": delivery.routing_key}
+        )
+        kept = pika.BasicProperties(
+            content_type=properties.content_type,
+            message_id=properties.message_id if isinstance(properties.message_id, str) else None,
+            correlation_id=properties.correlation_id if isinstance(properties.correlation_id, str) else None,
+            reply_to=properties.reply_to if isinstance(properties.reply_to, str) else None,
+            headers=headers,
+            delivery_mode=pika.DeliveryMode.Persistent,
+        )
+        self._require_channel().basic_publish(
+            "", dead_letter_queue(self.request_queue), delivery.body, kept, mandatory=True
+        )
 
     def dead_letter(self, tag: int) -> None:
         """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""

@@ -8,7 +8,9 @@ Publish to the durable direct exchange `ledger.requests` (`CLEANLEDGER_REQUEST_E
 - optionally `reply_to` (a queue) and `correlation_id`: the worker publishes there the operation once it
   settled (`{"id", "object": "operation", "status", "result" | "problem"}`), or the problem document that
   refused the message, with `content_type` `application/json` or `application/problem+json`.
-Refused messages are answered and dropped, never dead-lettered: they carry the client's secret.
+A refused message (invalid, oversized, unauthenticated, unparseable) is answered on its `reply_to` with the
+problem, and kept in `<request queue>.XQ` with the reason in its `x-refused-code` and `x-refused-reason`
+headers, its `authorization` header removed: nothing is dropped silently, no secret is kept.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import pika.spec
 from core.adapters.rabbitmq.commands import ReplyTo
 from core.application.commands import validate_idempotency_key
 from core.application.requests import BODIES, Body, parse_body
-from core.domain.errors import IdempotencyKeyMissing, Unauthorized, ValidationFailed
+from core.domain.errors import IdempotencyKeyMissing, PayloadTooLarge, Unauthorized, ValidationFailed
 
 AUTHORIZATION_HEADER = "authorization"
+# Largest message body accepted, in bytes: the HTTP limit (`CLEANLEDGER_MAX_BODY_BYTES`'s default).
+MAX_BODY_BYTES = 64 * 1024
 # Longest reply_to or correlation_id honoured, in characters (AMQP's short strings hold 255 bytes).
 MAX_REPLY_FIELD = 255
 
@@ -60,6 +64,8 @@ def parse_request(routing_key: str, properties: pika.spec.BasicProperties, body:
     if properties.message_id is None:
         raise IdempotencyKeyMissing("the message_id carries the Idempotency-Key and is required")
     key = validate_idempotency_key(properties.message_id)
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"a command body may hold at most {MAX_BODY_BYTES} bytes")
     model = BODIES.get(routing_key)
     if model is None:
         raise ValidationFailed(f"unknown command {routing_key!r}; routing keys: {', '.join(sorted(BODIES))}")
