@@ -21,6 +21,7 @@ from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in
 from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
 from core.application.commands import command_from_json
+from core.domain.errors import LedgerError
 from core.logs import configure_logging
 from core.settings import Settings
 
@@ -42,9 +43,15 @@ class RedeliverySweeper:
             rows = lock_stale_pending(conn, older_than_s=self.redeliver_after_s, limit=BATCH_SIZE)
             for operation_id, key, request in rows:
                 try:
-                    self.publisher.publish(
-                        operation_id=operation_id, idempotency_key=key, command=command_from_json(request)
-                    )
+                    command = command_from_json(request)
+                except LedgerError as exc:
+                    # One stored request that no longer rebuilds must not stop the sweep for everyone: it is
+                    # logged, and looked at again only after another `redeliver_after_s`.
+                    log.error("redeliver.request_unreadable", operation_id=str(operation_id), error=exc.detail)
+                    mark_enqueued_in(conn, operation_id)
+                    continue
+                try:
+                    self.publisher.publish(operation_id=operation_id, idempotency_key=key, command=command)
                 except BrokerUnavailable as exc:
                     log.warning("redeliver.broker_unavailable", error=str(exc))
                     break

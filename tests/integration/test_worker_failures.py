@@ -51,6 +51,28 @@ def test_an_accepted_command_that_never_reached_the_queue_is_redelivered(
     assert balance(ledger, tenant, account) == 1_234
 
 
+def test_one_stored_request_that_no_longer_rebuilds_does_not_stop_the_sweep(
+    settings: Settings, worker: ManagedProcess, ledger: LedgerService, tenant: str
+) -> None:
+    account = open_account(ledger, tenant)
+    broken, fine = new_id(), new_id()
+    command = Credit(tenant, account, Money.for_posting(77, "USD"))
+    ledger.accept(command, idempotency_key="unreadable", operation_id=broken)
+    ledger.accept(command, idempotency_key="readable", operation_id=fine)
+    with psycopg.connect(settings.database_url, autocommit=True) as db:
+        # As a lossy JSONB round trip can leave it: the stored copy no longer makes a valid command.
+        db.execute("UPDATE operations SET request = request || '{\"amount\": -1}' WHERE id = %s", (broken,))
+        db.execute("UPDATE operations SET created_at = created_at - interval '1 hour' WHERE id = %s", (broken,))
+    publisher = CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)
+    try:
+        sweeper = RedeliverySweeper(ledger.pool, publisher, redeliver_after_s=0)
+        assert sweeper.run_once() >= 1  # the others are published: the sweep neither raised nor rolled back
+    finally:
+        publisher.close()
+    assert wait_until_settled(ledger, tenant, fine, 15).status is OperationStatus.SUCCEEDED
+    assert wait_until_settled(ledger, tenant, broken, 0).status is OperationStatus.PENDING
+
+
 def test_retries_exhausted_settle_as_processing_failed_and_dead_letter(
     settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
