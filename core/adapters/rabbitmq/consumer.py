@@ -1,4 +1,5 @@
-"""The command queues, read in groups for group commit (pika, blocking: one worker process, one consumer).
+"""Queues read in groups (pika, blocking: one process, one consumer): the command queues for group commit,
+and a queue of ledger events for the audit store.
 
 Two queues feed the same groups: the ingress's command queue (Dramatiq's message format) and the queue of
 direct AMQP producers (`requests.py`), bound to the `ledger.requests` exchange by command type. Delivery tags
@@ -13,6 +14,7 @@ rejected to the dead-letter queue or sent back for a later try, each on its own.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import time
 from collections import deque
@@ -48,44 +50,135 @@ class Delivery:
     properties: pika.spec.BasicProperties
 
 
-class CommandConsumer:
-    def __init__(
-        self,
-        amqp_url: str,
-        *,
-        queue_name: str,
-        retry_delays_ms: Sequence[int],
-        group_max: int,
-        group_wait_s: float,
-        prefetch: int,
-        request_exchange: str,
-        request_queue: str,
-        request_types: Sequence[str],
-    ) -> None:
-        self.queue_name = queue_name
-        self.request_exchange = request_exchange
-        self.request_queue = request_queue
-        self.request_types = list(request_types)
-        self.retry_delays_ms = list(retry_delays_ms)
+class GroupConsumer(abc.ABC):
+    """One blocking connection and one channel (publisher confirms on), read in groups: subclasses declare
+    their queues and start consuming them in `declare`."""
+
+    def __init__(self, amqp_url: str, *, group_max: int, group_wait_s: float, prefetch: int) -> None:
         self.group_max = group_max
         self.group_wait_s = group_wait_s
         self.prefetch = prefetch
         self._parameters = connection_parameters(amqp_url, blocked_timeout=BLOCKED_TIMEOUT_S)
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
-        self._replies: BlockingChannel | None = None  # no confirms: a reply is a courtesy, the result is stored
         self._received: deque[Delivery] = deque()
         self._cancelled = False
 
+    @abc.abstractmethod
+    def declare(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        """Declare the queues (and what they are bound to), then `consume` them."""
+
+    def consume(self, channel: BlockingChannel, queue: str, *, from_client: bool = False) -> None:
+        """Start consuming `queue` into the groups."""
+
+        def on_message(
+            channel: BlockingChannel,
+            method: pika.spec.Basic.Deliver,
+            properties: pika.spec.BasicProperties,
+            body: bytes,
+        ) -> None:
+            self._received.append(
+                Delivery(
+                    method.delivery_tag, body, bool(method.redelivered), from_client, method.routing_key, properties
+                )
+            )
+
+        channel.basic_consume(queue, on_message)
+
     def open(self) -> None:
-        """Connect, declare the queues (Dramatiq's main and dead-letter queues, one retry queue per delay)
-        and start consuming."""
+        """Connect, declare the queues and start consuming."""
         self.close()
         self._received.clear()  # their tags died with the old channel; RabbitMQ redelivers them
         self._cancelled = False
         connection = self._connection = pika.BlockingConnection(self._parameters)
         channel = self._channel = connection.channel()
-        channel.confirm_delivery()  # a retry sent back must be taken before its original is acknowledged
+        channel.confirm_delivery()  # what is sent on (a retry, a dead letter) is taken before its original is acked
+        channel.add_on_cancel_callback(self._on_cancel)
+        channel.basic_qos(prefetch_count=self.prefetch)
+        self.declare(connection, channel)
+
+    @property
+    def is_open(self) -> bool:
+        return self._connection is not None and self._connection.is_open
+
+    def _on_cancel(self, method: object) -> None:
+        self._cancelled = True
+
+    def next_group(self, *, timeout_s: float) -> list[Delivery]:
+        """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most
+        `group_max`, in delivery order. Empty when nothing came."""
+        connection = self._require_connection()
+        deadline = time.monotonic() + timeout_s
+        while not self._received and (remaining := deadline - time.monotonic()) > 0:
+            connection.process_data_events(time_limit=remaining)
+            if self._cancelled:
+                raise ConsumerCancelled("RabbitMQ cancelled the consumer")
+        if not self._received:
+            return []
+        deadline = time.monotonic() + self.group_wait_s
+        while len(self._received) < self.group_max and (remaining := deadline - time.monotonic()) > 0:
+            connection.process_data_events(time_limit=remaining)
+        return [self._received.popleft() for _ in range(min(self.group_max, len(self._received)))]
+
+    def dead_letter(self, tag: int) -> None:
+        """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""
+        self._require_channel().basic_nack(tag, multiple=False, requeue=False)
+
+    def ack_through(self, tag: int) -> None:
+        """Acknowledge every message delivered up to `tag` that is neither acknowledged nor rejected yet."""
+        self._require_channel().basic_ack(tag, multiple=True)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait while the connection keeps its heartbeats (messages that arrive meanwhile are buffered)."""
+        if self.is_open:
+            self._require_connection().sleep(seconds)
+        else:
+            time.sleep(seconds)
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            # Already gone or not: unacknowledged messages go back to the queue either way.
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                connection.close()
+
+    def _require_connection(self) -> pika.BlockingConnection:
+        if self._connection is None:
+            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
+        return self._connection
+
+    def _require_channel(self) -> BlockingChannel:
+        if self._channel is None:
+            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
+        return self._channel
+
+
+class CommandConsumer(GroupConsumer):
+    """The command queue (Dramatiq's main and dead-letter queues, one retry queue per delay) and the queue of
+    direct AMQP producers, bound to the request exchange by command type."""
+
+    def __init__(
+        self,
+        amqp_url: str,
+        *,
+        queue_name: str,
+        retry_delays_ms: Sequence[int],
+        request_exchange: str,
+        request_queue: str,
+        request_types: Sequence[str],
+        group_max: int,
+        group_wait_s: float,
+        prefetch: int,
+    ) -> None:
+        super().__init__(amqp_url, group_max=group_max, group_wait_s=group_wait_s, prefetch=prefetch)
+        self.queue_name = queue_name
+        self.retry_delays_ms = list(retry_delays_ms)
+        self.request_exchange = request_exchange
+        self.request_queue = request_queue
+        self.request_types = list(request_types)
+        self._replies: BlockingChannel | None = None  # no confirms: a reply is a courtesy, the result is stored
+
+    def declare(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
         channel.queue_declare(self.queue_name, durable=True, arguments=main_queue_arguments(self.queue_name))
         channel.queue_declare(
             dead_letter_queue(self.queue_name), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
@@ -107,53 +200,9 @@ class CommandConsumer:
         )
         for command_type in self.request_types:
             channel.queue_bind(self.request_queue, self.request_exchange, routing_key=command_type)
-        channel.add_on_cancel_callback(self._on_cancel)
-        channel.basic_qos(prefetch_count=self.prefetch)
-        channel.basic_consume(self.queue_name, self._on_command)
-        channel.basic_consume(self.request_queue, self._on_request)
+        self.consume(channel, self.queue_name)
+        self.consume(channel, self.request_queue, from_client=True)
         self._replies = connection.channel()
-
-    @property
-    def is_open(self) -> bool:
-        return self._connection is not None and self._connection.is_open
-
-    def _on_command(
-        self,
-        channel: BlockingChannel,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.spec.BasicProperties,
-        body: bytes,
-    ) -> None:
-        self._received.append(Delivery(method.delivery_tag, body, bool(method.redelivered), False, "", properties))
-
-    def _on_request(
-        self,
-        channel: BlockingChannel,
-        method: pika.spec.Basic.Deliver,
-        properties: pika.spec.BasicProperties,
-        body: bytes,
-    ) -> None:
-        delivery = Delivery(method.delivery_tag, body, bool(method.redelivered), True, method.routing_key, properties)
-        self._received.append(delivery)
-
-    def _on_cancel(self, method: object) -> None:
-        self._cancelled = True
-
-    def next_group(self, *, timeout_s: float) -> list[Delivery]:
-        """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most
-        `group_max`, in delivery order. Empty when nothing came."""
-        connection = self._require_connection()
-        deadline = time.monotonic() + timeout_s
-        while not self._received and (remaining := deadline - time.monotonic()) > 0:
-            connection.process_data_events(time_limit=remaining)
-            if self._cancelled:
-                raise ConsumerCancelled("RabbitMQ cancelled the consumer")
-        if not self._received:
-            return []
-        deadline = time.monotonic() + self.group_wait_s
-        while len(self._received) < self.group_max and (remaining := deadline - time.monotonic()) > 0:
-            connection.process_data_events(time_limit=remaining)
-        return [self._received.popleft() for _ in range(min(self.group_max, len(self._received)))]
 
     def retry_later(self, body: bytes, *, attempt: int) -> None:
         """Send a message back for its `attempt`-th retry (1-based), after that retry's delay; confirmed."""
@@ -194,34 +243,22 @@ class CommandConsumer:
             "", dead_letter_queue(self.request_queue), delivery.body, kept, mandatory=True
         )
 
-    def dead_letter(self, tag: int) -> None:
-        """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""
-        self._require_channel().basic_nack(tag, multiple=False, requeue=False)
 
-    def ack_through(self, tag: int) -> None:
-        """Acknowledge every message delivered up to `tag` that is neither acknowledged nor rejected yet."""
-        self._require_channel().basic_ack(tag, multiple=True)
+class EventConsumer(GroupConsumer):
+    """A durable queue of its own bound to the events exchange (all event types), with a dead-letter queue."""
 
-    def sleep(self, seconds: float) -> None:
-        """Wait while the connection keeps its heartbeats (messages that arrive meanwhile are buffered)."""
-        if self.is_open:
-            self._require_connection().sleep(seconds)
-        else:
-            time.sleep(seconds)
+    def __init__(
+        self, amqp_url: str, *, exchange: str, queue_name: str, group_max: int, group_wait_s: float, prefetch: int
+    ) -> None:
+        super().__init__(amqp_url, group_max=group_max, group_wait_s=group_wait_s, prefetch=prefetch)
+        self.exchange = exchange
+        self.queue_name = queue_name
 
-    def close(self) -> None:
-        connection, self._connection, self._channel, self._replies = self._connection, None, None, None
-        if connection is not None and connection.is_open:
-            # Already gone or not: unacknowledged messages go back to the queue either way.
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                connection.close()
-
-    def _require_connection(self) -> pika.BlockingConnection:
-        if self._connection is None:
-            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
-        return self._connection
-
-    def _require_channel(self) -> BlockingChannel:
-        if self._channel is None:
-            raise pika.exceptions.ConnectionWrongStateError("the consumer is not open")
-        return self._channel
+    def declare(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
+        channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+        channel.queue_declare(self.queue_name, durable=True, arguments=main_queue_arguments(self.queue_name))
+        channel.queue_declare(
+            dead_letter_queue(self.queue_name), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
+        )
+        channel.queue_bind(self.queue_name, self.exchange, routing_key="#")
+        self.consume(channel, self.queue_name)
