@@ -9,6 +9,7 @@ from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 
+from core.adapters.mongo.audit import MongoAuditStore
 from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.queries import PostgresQueries
 from core.adapters.postgres.uow import PostgresUnitOfWork
@@ -103,3 +104,8 @@ def bootstrap(
     settings = settings or Settings.from_env()
     pool = open_pool(settings, min_size=min(2, pool_size or 2), max_size=pool_size)
     return LedgerService(settings, pool, PostgresQueries(pool), retry or RetryPolicy())
+
+
+def audit_store(settings: Settings) -> MongoAuditStore:
+    """The audit trail's store (MongoDB at `CLEANLEDGER_MONGO_URL`)."""
+    return MongoAuditStore(settings.mongo_url)

@@ -42,6 +42,8 @@ class Settings:
     command_queue: str = "ledger.commands"
     request_exchange: str = "ledger.requests"  # where direct AMQP producers publish commands
     request_queue: str = "ledger.requests"  # the workers' queue bound to it, one routing key per command type
+    audit_queue: str = "ledger.audit"  # the audit consumer's queue, bound to every ledger event
+    audit_group_max: int = 500  # events written to the audit store in one insert_many at most
     worker_max_retries: int = 8  # later tries of a command that failed on its own, before it is given up
     worker_min_backoff_ms: int = 200  # first retry delay, milliseconds (doubles, jittered)
     worker_max_backoff_ms: int = 30_000  # retry delay cap, milliseconds

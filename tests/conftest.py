@@ -27,6 +27,7 @@ def settings() -> Iterator[Settings]:
             command_queue=f"ledger.commands.{name}",  # private queue: no stray worker can take our commands
             request_exchange=f"ledger.requests.{name}",  # and a private exchange for direct AMQP producers
             request_queue=f"ledger.requests.{name}",
+            audit_queue=f"ledger.audit.{name}",  # the relay declares it: private, and deleted afterwards
             log_level="WARNING",
         )
         migrate(test_settings)

@@ -47,6 +47,7 @@ def private_queues(settings: Settings, suffix: str, **overrides: Any) -> Setting
         command_queue=f"{settings.command_queue}.{suffix}",
         request_exchange=f"{settings.request_exchange}.{suffix}",
         request_queue=f"{settings.request_queue}.{suffix}",
+        audit_queue=f"{settings.audit_queue}.{suffix}",
         **overrides,
     )
 
@@ -75,6 +76,8 @@ def delete_queues(settings: Settings) -> None:
             channel.queue_delete(name)
         channel.queue_delete(settings.request_queue)
         channel.queue_delete(f"{settings.request_queue}.XQ")
+        channel.queue_delete(settings.audit_queue)
+        channel.queue_delete(f"{settings.audit_queue}.XQ")
         channel.exchange_delete(settings.request_exchange)
     finally:
         connection.close()

@@ -11,7 +11,7 @@ from uuid import UUID
 from core.application.commands import Command
 from core.application.ports import Claim, Completion, ExistingKey, UnitOfWork
 from core.application.retry import RetryPolicy
-from core.application.settle import Clock, Submission, rejected_event, settle, utc_now
+from core.application.settle import Clock, Operation, Submission, rejected_event, settle, utc_now
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused, LedgerError
 from core.domain.ids import new_id
@@ -69,7 +69,8 @@ def give_up(
         if existing is not None and (existing.operation.settled or existing.operation.operation_id != operation_id):
             return existing.operation
         outcome = OperationResult.failed(operation_id, error)
-        uow.outbox.stage([rejected_event(command, operation_id, error, utc_now())])
+        operation = Operation(operation_id, idempotency_key, claim.request)
+        uow.outbox.stage([rejected_event(command, operation, error, utc_now())])
         uow.idempotency.complete([Completion(command.tenant_id, idempotency_key, outcome)])
         uow.commit()
     return outcome

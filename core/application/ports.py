@@ -116,6 +116,35 @@ class Outbox(abc.ABC):
         """Record events to publish once this unit of work commits."""
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One record of the audit trail. `id` is unique (an event's id): writing it twice keeps one."""
+
+    id: str
+    kind: str  # what it records, e.g. the event type "transaction.posted"
+    tenant_id: str
+    occurred_at: datetime
+    operation_id: str | None  # links it to its operation, when it has one
+    idempotency_key: str | None
+    document: dict[str, Any]
+
+
+class AuditStore(abc.ABC):
+    """The audit trail (MongoDB): append-only, written in batches, never on the request or posting path."""
+
+    @abc.abstractmethod
+    def write(self, records: Sequence[AuditRecord]) -> int:
+        """Store the records, skipping ids already stored; returns how many were new. Raises
+        `AuditUnavailable` when the store cannot be reached (the caller keeps the records and tries later)."""
+
+    @abc.abstractmethod
+    def count(self, *, tenant_id: str | None = None) -> int: ...
+
+
+class AuditUnavailable(Exception):
+    """The audit store cannot be reached; nothing was lost, the records wait in their queue."""
+
+
 class StoreUnavailable(ServiceUnavailable):
     """The database cannot be reached (down, restarting, out of connections): nobody's command is at fault,
     so the caller waits and tries the same work again instead of blaming or splitting it."""

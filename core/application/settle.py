@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import structlog
@@ -68,10 +69,12 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     concurrent transaction won (the caller runs the whole group again).
     """
     fingerprints: list[str] = []
+    bodies: list[dict[str, Any]] = []
     claims: dict[tuple[str, str], Claim] = {}
     for submission in submissions:
         command, key = submission.command, submission.idempotency_key
         body = command.to_json()
+        bodies.append(body)
         fingerprints.append(command.fingerprint(body))
         if (command.tenant_id, key) not in claims:
             claims[(command.tenant_id, key)] = Claim(
@@ -83,7 +86,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
         books = _Books(uow.accounts.lock(uow.write_set.account_ids) if uow.write_set else {}, clock())
         answers: list[Settled] = []
         completions: list[Completion] = []
-        for submission, fingerprint in zip(submissions, fingerprints, strict=True):
+        for submission, fingerprint, body in zip(submissions, fingerprints, bodies, strict=True):
             command, key = submission.command, submission.idempotency_key
             record = records.get((command.tenant_id, key))
             if record is not None and record[0] != fingerprint:
@@ -99,7 +102,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
                 continue
             # Claimed now, or claimed but pending (the ingress recorded the key and queued us): settle it.
             claimed = record[1] if record is not None else claims[(command.tenant_id, key)]
-            outcome = books.settle(command, claimed.operation_id)
+            outcome = books.settle(command, Operation(claimed.operation_id, key, body))
             records[(command.tenant_id, key)] = (fingerprint, outcome)
             completions.append(Completion(command.tenant_id, key, outcome))
             answers.append(outcome)
@@ -133,13 +136,22 @@ def legs_of(command: PostingCommand) -> tuple[TransactionKind, list[tuple[UUID, 
     return TransactionKind.TRANSFER, [(command.source_id, -amount), (command.destination_id, amount)]
 
 
-def rejected_event(command: Command, operation_id: UUID, error: LedgerError, now: datetime) -> Event:
-    return Event(
-        "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected",
-        command.tenant_id,
-        {"operation_id": str(operation_id), "command": command.to_json(), "problem": error.to_problem()},
-        now,
-    )
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """What every event of an operation carries, so the audit trail links it to its request."""
+
+    id: UUID
+    idempotency_key: str
+    request: dict[str, Any]  # the command's JSON form, as claimed
+
+    def event(self, event_type: str, tenant_id: str, payload: dict[str, Any], now: datetime) -> Event:
+        context = {"operation_id": str(self.id), "idempotency_key": self.idempotency_key, "request": self.request}
+        return Event(event_type, tenant_id, {**context, **payload}, now)
+
+
+def rejected_event(command: Command, operation: Operation, error: LedgerError, now: datetime) -> Event:
+    kind = "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected"
+    return operation.event(kind, command.tenant_id, {"problem": error.to_problem()}, now)
 
 
 class _Books:
@@ -154,21 +166,22 @@ class _Books:
         self.postings: list[Posting] = []
         self.events: list[Event] = []
 
-    def settle(self, command: Command, operation_id: UUID) -> OperationResult:
+    def settle(self, command: Command, operation: Operation) -> OperationResult:
+        operation_id = operation.id
         try:
             if isinstance(command, CreateAccount):
-                result = self._create_account(command)
+                result = self._create_account(command, operation)
             elif isinstance(command, Credit | Debit | Transfer):
-                result = self._post(command, operation_id)
+                result = self._post(command, operation)
             elif isinstance(command, ChangeAccountStatus):
-                result = self._change_status(command)
+                result = self._change_status(command, operation)
             else:  # pragma: no cover - exhaustive over COMMAND_TYPES
                 raise TypeError(f"no handler for {type(command).__name__}")
         except LedgerError as error:
             if not error.permanent:
                 raise
             log.info("operation.rejected", operation_id=str(operation_id), code=error.code)
-            self.events.append(rejected_event(command, operation_id, error, self.now))
+            self.events.append(rejected_event(command, operation, error, self.now))
             return OperationResult.failed(operation_id, error)
         return OperationResult.succeeded(operation_id, result)
 
@@ -195,7 +208,7 @@ class _Books:
         if account.id not in self.created:
             self.changed[account.id] = account
 
-    def _create_account(self, command: CreateAccount) -> dict[str, object]:
+    def _create_account(self, command: CreateAccount, operation: Operation) -> dict[str, object]:
         if command.account_id is not None and command.account_id in self.accounts:
             raise AccountExists(f"account {command.account_id} already exists", account_id=str(command.account_id))
         account = self._open(
@@ -210,20 +223,20 @@ class _Books:
             )
         )
         body = account_json(account)
-        self.events.append(Event("account.created", command.tenant_id, {"account": body}, self.now))
+        self.events.append(operation.event("account.created", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
 
-    def _change_status(self, command: ChangeAccountStatus) -> dict[str, object]:
+    def _change_status(self, command: ChangeAccountStatus, operation: Operation) -> dict[str, object]:
         account = self._account(command.tenant_id, command.account_id)
         if account is None or account.kind is not AccountKind.CUSTOMER:
             raise AccountNotFound(f"account {command.account_id} does not exist", account_id=str(command.account_id))
         account.change_status(command.status)
         self._touch(account)
         body = account_json(account)
-        self.events.append(Event("account.status_changed", command.tenant_id, {"account": body}, self.now))
+        self.events.append(operation.event("account.status_changed", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
 
-    def _post(self, command: PostingCommand, operation_id: UUID) -> dict[str, object]:
+    def _post(self, command: PostingCommand, operation: Operation) -> dict[str, object]:
         tenant, currency = command.tenant_id, command.amount.currency
         kind, legs = legs_of(command)
         # Only credits and debits may touch a system account, and only the external one they name.
@@ -254,12 +267,11 @@ class _Books:
         )
         for account in touched:
             self._touch(account)
-        self.postings.append(Posting(transaction, operation_id))
-        body = transaction_json(transaction)
-        self.events.append(
-            Event("transaction.posted", tenant, {"operation_id": str(operation_id), "transaction": body}, self.now)
-        )
-        return {
-            "transaction": body,
+        self.postings.append(Posting(transaction, operation.id))
+        result: dict[str, object] = {
+            "transaction": transaction_json(transaction),
             "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
         }
+        # The event is the operation's snapshot: the transaction, its entries and the balances they left.
+        self.events.append(operation.event("transaction.posted", tenant, result, self.now))
+        return result

@@ -28,10 +28,9 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from core.adapters.rabbitmq.commands import ReplyTo, dead_letter_queue, main_queue_arguments, retry_queue
 from core.adapters.rabbitmq.connection import connection_parameters
+from core.adapters.rabbitmq.events import DEAD_LETTER_TTL_MS, declare_subscriber_queue
 from core.adapters.rabbitmq.requests import AUTHORIZATION_HEADER
 
-# Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
-DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 # Longest wait for a broker that blocks publishers while a retry is sent back, in seconds.
 BLOCKED_TIMEOUT_S = 30.0
 
@@ -255,10 +254,5 @@ class EventConsumer(GroupConsumer):
         self.queue_name = queue_name
 
     def declare(self, connection: pika.BlockingConnection, channel: BlockingChannel) -> None:
-        channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-        channel.queue_declare(self.queue_name, durable=True, arguments=main_queue_arguments(self.queue_name))
-        channel.queue_declare(
-            dead_letter_queue(self.queue_name), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS}
-        )
-        channel.queue_bind(self.queue_name, self.exchange, routing_key="#")
+        declare_subscriber_queue(channel, self.queue_name, self.exchange)
         self.consume(channel, self.queue_name)

@@ -12,6 +12,7 @@ headers-aware consumer can filter without parsing the body.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -19,11 +20,14 @@ import pika
 import pika.exceptions
 import structlog
 
+from core.adapters.rabbitmq.commands import dead_letter_queue, main_queue_arguments
 from core.adapters.rabbitmq.connection import connection_parameters
 from core.application.ports import Event
 from core.settings import Settings
 
 EVENTS_EXCHANGE = "ledger.events"
+# Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2  # AMQP delivery_mode: written to disk by durable queues
 
@@ -41,6 +45,16 @@ class PublishError(RuntimeError):
 def declare_events_exchange(channel: Any, exchange: str = EVENTS_EXCHANGE) -> None:
     """Declare the events exchange (durable topic); idempotent. Consumers may call it before binding."""
     channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
+
+
+def declare_subscriber_queue(channel: Any, queue: str, exchange: str = EVENTS_EXCHANGE) -> None:
+    """A durable queue that must see every event (the audit trail's), bound to all of them, with its
+    dead-letter queue `<queue>.XQ`. The relay declares it too: events published before its consumer first
+    started wait for it instead of being dropped by an exchange with nobody bound."""
+    declare_events_exchange(channel, exchange)
+    channel.queue_declare(queue, durable=True, arguments=main_queue_arguments(queue))
+    channel.queue_declare(dead_letter_queue(queue), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS})
+    channel.queue_bind(queue, exchange, routing_key="#")
 
 
 def event_body(event: Event) -> bytes:
@@ -84,16 +98,20 @@ class EventPublisher:
         connect_timeout: float = 5.0,
         blocked_timeout: float = 30.0,
         app_id: str = "cleanledger",
+        subscriber_queues: Sequence[str] = (),
     ) -> None:
         self.exchange = exchange
         self.app_id = app_id
+        self.subscriber_queues = list(subscriber_queues)  # declared with the exchange, see declare_subscriber_queue
         self._params = connection_parameters(url, connect_timeout=connect_timeout, blocked_timeout=blocked_timeout)
         self._connection: Any = None
         self._channel: Any = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> Self:
-        """A publisher for `settings.amqp_url`; `options` are the constructor's keyword arguments."""
+        """A publisher for `settings.amqp_url`, declaring the audit queue; `options` are the constructor's
+        keyword arguments."""
+        options.setdefault("subscriber_queues", [settings.audit_queue])
         return cls(settings.amqp_url, **options)
 
     @property
@@ -115,6 +133,8 @@ class EventPublisher:
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
             declare_events_exchange(self._channel, self.exchange)
+            for queue in self.subscriber_queues:
+                declare_subscriber_queue(self._channel, queue, self.exchange)
         except _BROKER_ERRORS as exc:
             self.close()
             raise PublishError(f"cannot connect to RabbitMQ at {self._where()}: {exc!r}") from exc

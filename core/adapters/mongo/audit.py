@@ -1,0 +1,75 @@
+"""The audit trail in MongoDB (pymongo; SecantusDB locally, a real MongoDB in compose).
+
+One collection, `audit`, one document per record with the record's id as `_id`: an unordered `insert_many`
+of a whole batch, where a duplicate key (a redelivered record) is skipped and any other error fails the batch.
+Indexed for the lookups an auditor makes: by operation, by idempotency key, by tenant and time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pymongo
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
+
+COLLECTION = "audit"
+DUPLICATE_KEY = 11000  # MongoDB's error code
+# How long a call waits for a server to answer before it counts as unreachable, milliseconds.
+SERVER_TIMEOUT_MS = 2000
+
+
+class MongoAuditStore(AuditStore):
+    def __init__(self, url: str) -> None:
+        self.client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            url, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS, connectTimeoutMS=SERVER_TIMEOUT_MS, tz_aware=True
+        )
+        self.collection = self.client.get_default_database("cleanledger")[COLLECTION]
+        self._indexed = False
+
+    def write(self, records: Sequence[AuditRecord]) -> int:
+        if not records:
+            return 0
+        try:
+            self._ensure_indexes()
+            try:
+                return len(self.collection.insert_many([_document(r) for r in records], ordered=False).inserted_ids)
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                    raise
+                return int(exc.details.get("nInserted", 0))
+        except BulkWriteError:
+            raise
+        except PyMongoError as exc:
+            raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+
+    def count(self, *, tenant_id: str | None = None) -> int:
+        try:
+            return self.collection.count_documents({} if tenant_id is None else {"tenant_id": tenant_id})
+        except PyMongoError as exc:
+            raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _ensure_indexes(self) -> None:
+        if not self._indexed:
+            self.collection.create_index("operation_id")
+            self.collection.create_index([("tenant_id", 1), ("idempotency_key", 1)])
+            self.collection.create_index([("tenant_id", 1), ("occurred_at", 1)])
+            self._indexed = True
+
+
+def _document(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "_id": record.id,
+        "kind": record.kind,
+        "tenant_id": record.tenant_id,
+        "occurred_at": record.occurred_at,
+        "operation_id": record.operation_id,
+        "idempotency_key": record.idempotency_key,
+        "document": record.document,
+    }

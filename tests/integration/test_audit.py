@@ -1,0 +1,156 @@
+"""The audit trail on a real Mongo-wire server (SecantusDB): every ledger event reaches it exactly once, through
+the outbox, the relay and RabbitMQ, across a crash of its consumer and an outage of the store."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pymongo
+import pytest
+
+from core.adapters.mongo.audit import COLLECTION
+from core.application.commands import Credit, Transfer
+from core.bootstrap import LedgerService
+from core.domain.money import Money
+from core.settings import Settings
+from tests.helpers import key, open_account
+from tests.processes import BIN, ManagedProcess, free_port, settings_env, wait_for_port
+from tests.services import delete_queues, private_queues
+
+WAIT_S = 60.0  # generous bound on steps that take a second or two
+
+
+class MongoServer:
+    """A SecantusDB server process persisting to its own directory; stopped and started again at will."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.storage = Path(tempfile.mkdtemp(prefix="cleanledger-mongo-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/cleanledger"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "secantusd-py"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--storage-path", str(self.storage), "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port(self.port, 30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def mongo() -> Iterator[MongoServer]:
+    server = MongoServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def audited(settings: Settings, mongo: MongoServer) -> Iterator[Settings]:
+    """Settings for an audit consumer of its own (private queue) writing to the test's Mongo server, with the
+    outbox relay running."""
+    own = private_queues(settings, f"audit{key()[:8]}", mongo_url=mongo.url)
+    try:
+        with ManagedProcess.start([str(BIN / "python"), "-m", "workers.relay", "--poll-interval", "0.5"],
+                                  env=settings_env(own), name="audit-relay"):  # fmt: skip
+            yield own
+    finally:
+        delete_queues(own)
+
+
+def audit_consumer(settings: Settings, name: str) -> contextlib.AbstractContextManager[ManagedProcess]:
+    return ManagedProcess.start([str(BIN / "python"), "-m", "workers.audit"], env=settings_env(settings), name=name)
+
+
+def records(mongo: MongoServer, tenant: str) -> list[dict[str, object]]:
+    with pymongo.MongoClient(mongo.url, serverSelectionTimeoutMS=5000) as client:
+        return list(client.get_default_database()[COLLECTION].find({"tenant_id": tenant}))
+
+
+def outbox_ids(settings: Settings, tenant: str) -> set[str]:
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute("SELECT event_id::text FROM outbox WHERE tenant_id = %s", (tenant,)).fetchall()
+    return {row[0] for row in rows}
+
+
+def wait_for_records(mongo: MongoServer, tenant: str, expected: set[str]) -> list[dict[str, object]]:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        found = records(mongo, tenant)
+        if {str(r["_id"]) for r in found} >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def post_some(ledger: LedgerService, tenant: str, accounts: list[object], n: int) -> None:
+    items = [
+        (Credit(tenant, accounts[i % len(accounts)], Money.for_posting(100 + i, "USD")), key())  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+    items += [(Transfer(tenant, accounts[0], accounts[1], Money.for_posting(10**9, "USD")), key())]  # type: ignore[arg-type]  # refused
+    ledger.execute_many(items)
+
+
+def test_every_event_reaches_the_audit_store_once_across_a_consumer_crash(
+    audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str
+) -> None:
+    accounts: list[object] = [open_account(ledger, tenant) for _ in range(3)]
+    with audit_consumer(audited, "audit-1") as first:
+        post_some(ledger, tenant, accounts, 50)
+        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+        post_some(ledger, tenant, accounts, 200)
+        first.kill()  # SIGKILL, whatever it was doing
+    post_some(ledger, tenant, accounts, 50)  # the ledger goes on while nobody audits
+    expected = outbox_ids(audited, tenant)
+    with audit_consumer(audited, "audit-2"):
+        found = wait_for_records(mongo, tenant, expected)
+    assert {str(r["_id"]) for r in found} == expected  # every event, none twice (the id is the key)
+    assert len(found) == len(expected)
+    posted = [r for r in found if r["kind"] == "transaction.posted"]
+    rejected = [r for r in found if r["kind"] == "transaction.rejected"]
+    assert (len(posted), len(rejected)) == (300, 3)
+    # A snapshot links to its operation and request, and holds the entries and the balances they left.
+    snapshot = posted[0]
+    document = snapshot["document"]
+    assert isinstance(document, dict)
+    assert snapshot["operation_id"] == document["operation_id"] and snapshot["idempotency_key"]
+    assert document["request"]["type"] == "credit"
+    assert len(document["transaction"]["entries"]) == 2
+    assert document["accounts"][0]["balance"]["posted"] > 0
+    assert rejected[0]["document"]["problem"]["code"] == "insufficient-funds"  # type: ignore[index]
+
+
+def test_an_audit_store_outage_delays_records_and_loses_none(
+    audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str
+) -> None:
+    accounts: list[object] = [open_account(ledger, tenant) for _ in range(2)]
+    with audit_consumer(audited, "audit-outage"):
+        mongo.stop()
+        try:
+            started = time.monotonic()
+            post_some(ledger, tenant, accounts, 100)
+            assert time.monotonic() - started < 10, "a posting waited for the audit store"
+            time.sleep(2)  # the consumer meets the outage and keeps the events in its queue
+        finally:
+            mongo.start()  # same port, same storage
+        expected = outbox_ids(audited, tenant)
+        found = wait_for_records(mongo, tenant, expected)
+    assert {str(r["_id"]) for r in found} == expected
+    assert len(found) == len(expected)

@@ -1,0 +1,157 @@
+"""The audit consumer: every ledger event, from its own durable queue, into the audit store (MongoDB).
+
+Run with `python -m workers.audit` (see Procfile). The ledger never waits for it: events reach it through the
+outbox, the relay and RabbitMQ. It takes them in groups (`CLEANLEDGER_AUDIT_GROUP_MAX`), writes each group
+with one unordered `insert_many`, idempotent by event id, and acknowledges the group only then. While MongoDB
+is down the events wait in the queue (`CLEANLEDGER_AUDIT_QUEUE`) and the consumer retries with backoff; a
+consumer killed mid-group leaves its group to be redelivered, and the store keeps one copy of each.
+
+Each event is an operation's record: the request as claimed (`request`), its idempotency key and operation
+id, and what it committed (`transaction.posted`: the transaction, its entries and the balances it left) or why
+it was refused (`transaction.rejected`: the problem).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import datetime
+from types import FrameType
+
+import pika.exceptions
+import structlog
+from pymongo.errors import BulkWriteError
+
+from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
+from core.adapters.rabbitmq.events import EVENTS_EXCHANGE
+from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
+from core.bootstrap import audit_store
+from core.logs import configure_logging
+from core.settings import Settings
+
+log = structlog.get_logger("audit")
+# How long the consumer waits for a first event before it checks for a stop request, in seconds.
+IDLE_POLL_S = 1.0
+# Waits between attempts to reach MongoDB or RabbitMQ again, in seconds: doubling up to the cap.
+RETRY_FIRST_S = 0.2
+RETRY_CAP_S = 5.0
+# After the first event of a group, how long to wait for more, in seconds.
+GROUP_WAIT_S = 0.05
+
+
+def audit_record(delivery: Delivery) -> AuditRecord:
+    """The record of one event message (`core/adapters/rabbitmq/events.py`); ValueError when it is none."""
+    try:
+        event = json.loads(delivery.body)
+        data = event["data"]
+        return AuditRecord(
+            id=str(event["id"]),
+            kind=str(event["type"]),
+            tenant_id=str(event["tenant_id"]),
+            occurred_at=datetime.fromisoformat(event["occurred_at"]),
+            operation_id=data.get("operation_id"),
+            idempotency_key=data.get("idempotency_key"),
+            document=data,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not an event: {exc}") from None
+
+
+class AuditWorker:
+    def __init__(self, store: AuditStore, consumer: EventConsumer) -> None:
+        self.store = store
+        self.consumer = consumer
+        self.stopping = False
+
+    def run(self) -> None:
+        backoff = RETRY_FIRST_S
+        while not self.stopping:
+            try:
+                if not self.consumer.is_open:
+                    self.consumer.open()
+                    log.info("audit.consuming", queue=self.consumer.queue_name)
+                group = self.consumer.next_group(timeout_s=IDLE_POLL_S)
+                if group:
+                    self.handle(group)
+                backoff = RETRY_FIRST_S
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                log.warning("audit.broker_unavailable", error=f"{type(exc).__name__}: {exc}", retry_in_s=backoff)
+                self.consumer.close()
+                time.sleep(backoff)
+                backoff = min(RETRY_CAP_S, backoff * 2)
+        self.consumer.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def handle(self, group: list[Delivery]) -> None:
+        records: list[tuple[Delivery, AuditRecord]] = []
+        rejected: set[int] = set()
+        for delivery in group:
+            try:
+                records.append((delivery, audit_record(delivery)))
+            except ValueError as exc:
+                log.error("audit.message_invalid", error=str(exc), tag=delivery.tag)
+                rejected.add(delivery.tag)
+        refused = self._write(records)
+        if refused is None:
+            return  # stopping with the store down: unacknowledged, the group goes back to the queue
+        rejected.update(refused)
+        for tag in sorted(rejected):
+            self.consumer.dead_letter(tag)
+        # A multiple-ack must name a tag still outstanding: the last one not rejected, if any.
+        kept = [delivery.tag for delivery in group if delivery.tag not in rejected]
+        if kept:
+            self.consumer.ack_through(max(kept))
+
+    def _write(self, records: list[tuple[Delivery, AuditRecord]]) -> set[int] | None:
+        """Write the group, waiting out an unreachable store (None: asked to stop meanwhile). Returns the tags
+        of the records the store refuses (a document it cannot hold), found by writing each on its own."""
+        backoff = RETRY_FIRST_S
+        while True:
+            try:
+                written = self.store.write([record for _, record in records])
+                log.info("audit.written", group=len(records), new=written)
+                return set()
+            except AuditUnavailable as exc:
+                if self.stopping:
+                    return None
+                log.warning("audit.store_unavailable", error=str(exc), retry_in_s=backoff, group=len(records))
+                self.consumer.sleep(backoff)
+                backoff = min(RETRY_CAP_S, backoff * 2)
+            except BulkWriteError:
+                refused: set[int] = set()
+                for delivery, record in records:
+                    try:
+                        self.store.write([record])
+                    except BulkWriteError as exc:
+                        log.error("audit.record_refused", record_id=record.id, error=str(exc)[:500])
+                        refused.add(delivery.tag)
+                return refused
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(level=settings.log_level, json=settings.log_json)
+    consumer = EventConsumer(
+        settings.amqp_url,
+        exchange=EVENTS_EXCHANGE,
+        queue_name=settings.audit_queue,
+        group_max=settings.audit_group_max,
+        group_wait_s=GROUP_WAIT_S,
+        prefetch=2 * settings.audit_group_max,
+    )
+    worker = AuditWorker(audit_store(settings), consumer)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    worker.run()
+    log.info("audit.stopped")
+
+
+if __name__ == "__main__":
+    main()
