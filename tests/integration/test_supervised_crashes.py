@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,8 @@ class Supervised:
 
 @pytest.fixture
 def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Settings]]:
+    if shutil.which("nginx") is None:
+        pytest.fail("nginx is not installed: ops/test (or ops/run) installs it")
     busy = [port for port in (NGINX_PORT, *INGRESS_PORTS) if answers(port)]
     if busy:
         pytest.fail(
