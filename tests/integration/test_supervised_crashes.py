@@ -2,8 +2,8 @@
 ingress node and the relay are killed with SIGKILL in turn: each is back within seconds, requests keep
 succeeding, and every accepted operation settles exactly once.
 
-nginx.conf has the repo's ports (8080 -> 8081-8083), so this test needs them free: it fails with a message
-saying so when something (`ops/run`, bench/e2e.py) already answers there.
+The stack is the repo's Procfile and nginx.conf with only their ports (and nginx's paths) moved to free ones, so
+the test runs beside `ops/run`; the test run's database and a private command queue come through CLEANLEDGER_*.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -35,12 +35,10 @@ from core.adapters.postgres.verify import verify
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from core.supervision import read_procfile, write_config
-from tests.processes import BIN, ROOT, settings_env, wait_for_port
+from tests.processes import BIN, ROOT, free_port, settings_env, wait_for_port
 from tests.services import delete_queues
 
-NGINX_PORT = 8080
-INGRESS_PORTS = (8081, 8082, 8083)
-API = f"http://127.0.0.1:{NGINX_PORT}"
+NGINX_LISTEN = "listen 127.0.0.1:8080;"
 CLIENTS = 12  # requests kept in flight through nginx
 ACCOUNTS = 6
 VICTIMS = ("worker1", "ingress2", "relay")  # one of each kind that holds work in flight
@@ -48,16 +46,43 @@ BACK_WITHIN_S = 20.0  # a killed process must be RUNNING again (startsecs includ
 STATUS_LINE = re.compile(r"^(\S+)\s+([A-Z]+)\s*(?:pid (\d+),)?")
 
 
-def answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
+def free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def procfile_on_free_ports(tmp_path: Path) -> tuple[Path, int, list[int]]:
+    """Copies of the Procfile and nginx.conf, changed only in their ports and nginx's prefix: (Procfile, nginx
+    port, ingress ports)."""
+    procfile = (ROOT / "Procfile").read_text()
+    nginx_conf = (ROOT / "nginx.conf").read_text()
+    repo_ports = [int(port) for port in re.findall(r"--port (\d+)", procfile)]
+    nginx_port, *ingress_ports = free_ports(1 + len(repo_ports))
+    for old, new in zip(repo_ports, ingress_ports, strict=True):
+        procfile = procfile.replace(f"--port {old}", f"--port {new}")
+        assert f"server 127.0.0.1:{old} " in nginx_conf, f"nginx.conf has no upstream on the Procfile's {old}"
+        nginx_conf = nginx_conf.replace(f"server 127.0.0.1:{old} ", f"server 127.0.0.1:{new} ")
+    assert NGINX_LISTEN in nginx_conf
+    nginx_conf = nginx_conf.replace(NGINX_LISTEN, f"listen 127.0.0.1:{nginx_port};")
+    (tmp_path / "nginx.conf").write_text(nginx_conf)
+    assert '"$PWD/nginx.conf"' in procfile and "var/nginx" in procfile
+    procfile = procfile.replace('"$PWD/nginx.conf"', shlex.quote(str(tmp_path / "nginx.conf")))
+    procfile = procfile.replace("var/nginx", str(tmp_path / "nginx"))
+    (tmp_path / "Procfile").write_text(procfile)
+    return tmp_path / "Procfile", nginx_port, ingress_ports
 
 
 @dataclass
 class Supervised:
     conf: Path
     popen: subprocess.Popen[bytes]
+    procfile: Path
+    api: str  # nginx
+    ingress_ports: list[int]
 
     def ctl(self, *args: str) -> str:
         done = subprocess.run(
@@ -89,12 +114,7 @@ class Supervised:
 def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Settings]]:
     if shutil.which("nginx") is None:
         pytest.fail("nginx is not installed: ops/test (or ops/run) installs it")
-    busy = [port for port in (NGINX_PORT, *INGRESS_PORTS) if answers(port)]
-    if busy:
-        pytest.fail(
-            f"ports {busy} already answer on 127.0.0.1: this test runs the Procfile's nginx and ingress nodes on"
-            " the repo's ports 8080-8083; stop ops/run (or bench/e2e.py) and run it again"
-        )
+    procfile, nginx_port, ingress_ports = procfile_on_free_ports(tmp_path)
     private = dataclasses.replace(
         settings,
         command_queue=f"{settings.command_queue}.crash",
@@ -104,7 +124,7 @@ def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Sett
         # picks it up after this long (120 s in production) so the test sees it settle.
         redeliver_after_s=3,
     )
-    conf = write_config(ROOT / "Procfile", root=ROOT, run_dir=tmp_path / "var")
+    conf = write_config(procfile, root=ROOT, run_dir=tmp_path / "var")
     log = (tmp_path / "supervisord.out").open("wb")
     popen = subprocess.Popen(
         [str(BIN / "supervisord"), "-n", "-c", str(conf)],
@@ -114,10 +134,10 @@ def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Sett
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    supervised = Supervised(conf, popen)
+    supervised = Supervised(conf, popen, procfile, f"http://127.0.0.1:{nginx_port}", ingress_ports)
     children: set[int] = set()
     try:
-        wait_for_port(NGINX_PORT, timeout_s=60)
+        wait_for_port(nginx_port, timeout_s=60)
         yield supervised, private
     finally:
         with contextlib.suppress(Exception):
@@ -140,6 +160,7 @@ def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Sett
 class Load:
     """Requests through nginx, each with its own Idempotency-Key, as a client would send them."""
 
+    api: str
     session: aiohttp.ClientSession
     accounts: list[str]
     rng: random.Random
@@ -148,7 +169,7 @@ class Load:
     retried: int = 0
 
     async def one(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
-        async with self.session.post(f"{API}{path}", json=body, headers=headers) as response:
+        async with self.session.post(f"{self.api}{path}", json=body, headers=headers) as response:
             text = await response.text()
         try:
             doc = json.loads(text)
@@ -181,11 +202,11 @@ class Load:
             await self.request()
 
 
-async def open_accounts(session: aiohttp.ClientSession) -> list[str]:
+async def open_accounts(api: str, session: aiohttp.ClientSession) -> list[str]:
     accounts = []
     for i in range(ACCOUNTS):
         async with session.post(
-            f"{API}/v1/accounts",
+            f"{api}/v1/accounts",
             json={"currency": "USD"},
             headers={"Idempotency-Key": f"crash-acct-{i}", "Prefer": "wait=20"},
         ) as response:
@@ -193,7 +214,7 @@ async def open_accounts(session: aiohttp.ClientSession) -> list[str]:
             assert response.status == 201, doc
         account = doc["result"]["account"]["id"]
         async with session.post(
-            f"{API}/v1/credits",
+            f"{api}/v1/credits",
             json={"account_id": account, "amount": 10**9, "currency": "USD"},
             headers={"Idempotency-Key": f"crash-fund-{i}", "Prefer": "wait=20"},
         ) as response:
@@ -217,9 +238,9 @@ def test_killed_processes_come_back_and_nothing_accepted_is_lost(
     stack: tuple[Supervised, Settings], ledger: LedgerService, tenant: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     supervised, settings = stack
-    names = [p.name for p in read_procfile(ROOT / "Procfile")]
+    names = [p.name for p in read_procfile(supervised.procfile)]
     pids = supervised.wait_all_running(names, timeout_s=60)
-    for port in INGRESS_PORTS:
+    for port in supervised.ingress_ports:
         wait_for_port(port, timeout_s=30)
     secret = create_api_key(ledger.pool, tenant)[1]
     restarts: dict[str, tuple[int, int, float]] = {}
@@ -227,9 +248,10 @@ def test_killed_processes_come_back_and_nothing_accepted_is_lost(
     async def scenario() -> Load:
         headers = {"Authorization": f"Bearer {secret}"}
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as session:
-            async with session.get(f"{API}/readyz") as response:
+            async with session.get(f"{supervised.api}/readyz") as response:
                 assert response.status == 200, await response.text()
-            load = Load(session, await open_accounts(session), random.Random(9), {}, [])
+            accounts = await open_accounts(supervised.api, session)
+            load = Load(supervised.api, session, accounts, random.Random(9), {}, [])
             stop = asyncio.Event()
             clients = [asyncio.create_task(load.run(stop)) for _ in range(CLIENTS)]
             try:
