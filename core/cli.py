@@ -1,9 +1,10 @@
-"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key."""
+"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, supervisord-config."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from uuid import UUID
 
 from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
@@ -13,6 +14,7 @@ from core.adapters.postgres.verify import verify
 from core.adapters.redis.revocations import announce_revoked
 from core.logs import configure_logging
 from core.settings import Settings
+from core.supervision import write_config
 
 
 def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
@@ -60,6 +62,12 @@ def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_supervisord_config(_: Settings, args: argparse.Namespace) -> int:
+    path = write_config(Path(args.procfile), root=Path(args.root), run_dir=Path(args.run_dir))
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleanledger", description="Clean Ledger administration")
     parser.add_argument("--database-url", help="overrides CLEANLEDGER_DATABASE_URL")
@@ -75,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = sub.add_parser("revoke-api-key", help="revoke an API key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_revoke_api_key)
+    conf = sub.add_parser(
+        "supervisord-config", help="write <run-dir>/supervisord.conf from the Procfile (every process supervised)"
+    )
+    conf.add_argument("--procfile", default="Procfile", help="default: ./Procfile")
+    conf.add_argument("--root", default=".", help="directory the processes run in (default: .)")
+    conf.add_argument("--run-dir", default="var", help="control socket, pid file and log/ (default: ./var)")
+    conf.set_defaults(func=cmd_supervisord_config)
     return parser
 
 

@@ -19,8 +19,12 @@ from core.bootstrap import bootstrap
 from core.logs import configure_logging
 from core.settings import Settings
 from ingress.context import INGRESS, Ingress
+from ingress.health import Readiness
 from ingress.middleware import API_KEY_CACHE, ApiKeyCache, authenticate, problems, request_context
 from ingress.routes import routes
+
+# Seconds a stopping node gives its slowest request beyond the longest `Prefer: wait`.
+SHUTDOWN_MARGIN_S = 5
 
 
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -52,7 +56,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     api_keys = app[API_KEY_CACHE]
     ingress.revocations = RevocationListener(client, on_revoked=api_keys.forget, on_resync=api_keys.forget_all)
     await ingress.revocations.start()
+    ingress.readiness = Readiness(settings, client)
     yield
+    ingress.readiness.close()
     await ingress.revocations.close()
     await ingress.waiter.close()
     await client.aclose()
@@ -91,6 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port or settings.ingress_port,
         access_log=None,  # request_context logs every request as JSON with its request id
         print=None,
+        # SIGTERM: stop listening, let the requests in flight finish (a `Prefer: wait` one may hold for up to
+        # prefer_wait_max_s), then close the adapters. supervisord's stopwaitsecs is longer than this.
+        shutdown_timeout=settings.prefer_wait_max_s + SHUTDOWN_MARGIN_S,
     )
 
 

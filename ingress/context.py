@@ -18,6 +18,7 @@ from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
 from core.bootstrap import LedgerService
 from core.settings import Settings
+from ingress.health import Readiness
 
 T = TypeVar("T")
 
@@ -35,6 +36,7 @@ class Ingress:
     auth_limiter: TokenBucket = field(init=False)  # uncached API-key lookups per client address
     waiter: SettlementWaiter = field(init=False)
     revocations: RevocationListener = field(init=False)
+    readiness: Readiness = field(init=False)  # GET /readyz
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""

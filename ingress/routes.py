@@ -266,4 +266,16 @@ async def get_operation(request: web.Request) -> web.Response:
 
 @routes.get("/healthz")
 async def health(request: web.Request) -> web.Response:
+    """Liveness: the process answers HTTP. No dependency is asked, so an outage elsewhere never gets a live
+    node restarted."""
     return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when PostgreSQL and RabbitMQ answer (Redis down is only `degraded`), 503 otherwise."""
+    checks = await request.app[INGRESS].readiness.check()
+    if "unreachable" in checks.values():
+        down = ", ".join(name for name, state in checks.items() if state == "unreachable")
+        raise ServiceUnavailable(f"not ready: {down} unreachable", retry_after=1, checks=checks)
+    return web.json_response({"status": "ready", "checks": checks})

@@ -48,3 +48,12 @@ ensure_services() {
         wait_for_port 5672 RabbitMQ
     fi
 }
+
+ensure_nginx() {
+    # nginx fronts the ingress nodes (ops/run) and the supervised-stack test (ops/test).
+    if ! command -v nginx >/dev/null; then
+        echo "installing nginx"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+    fi
+}
