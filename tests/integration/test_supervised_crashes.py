@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -36,7 +35,7 @@ from core.bootstrap import LedgerService
 from core.settings import Settings
 from core.supervision import read_procfile, write_config
 from tests.processes import BIN, ROOT, free_port, settings_env, wait_for_port
-from tests.services import delete_queues
+from tests.services import delete_queues, private_queues
 
 NGINX_LISTEN = "listen 127.0.0.1:8080;"
 CLIENTS = 12  # requests kept in flight through nginx
@@ -57,12 +56,17 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def procfile_on_free_ports(tmp_path: Path) -> tuple[Path, int, list[int]]:
-    """Copies of the Procfile and nginx.conf, changed only in their ports and nginx's prefix: (Procfile, nginx
-    port, ingress ports)."""
+def procfile_on_free_ports(tmp_path: Path) -> tuple[Path, int, list[int], int]:
+    """Copies of the Procfile and nginx.conf, changed only in their ports and data directories: (Procfile, nginx
+    port, ingress ports, MongoDB port)."""
     procfile = (ROOT / "Procfile").read_text()
     nginx_conf = (ROOT / "nginx.conf").read_text()
-    repo_ports = [int(port) for port in re.findall(r"--port (\d+)", procfile)]
+    [mongo_line] = [line for line in procfile.splitlines() if line.startswith("mongo:")]
+    [mongo_port] = free_ports(1)
+    moved = mongo_line.replace("--port 27017", f"--port {mongo_port}").replace("var/mongo", str(tmp_path / "mongo"))
+    assert moved.count(str(mongo_port)) == 1 and str(tmp_path) in moved, mongo_line
+    procfile = procfile.replace(mongo_line, moved)
+    repo_ports = [int(port) for port in re.findall(r"ingress\.app --port (\d+)", procfile)]
     nginx_port, *ingress_ports = free_ports(1 + len(repo_ports))
     for old, new in zip(repo_ports, ingress_ports, strict=True):
         procfile = procfile.replace(f"--port {old}", f"--port {new}")
@@ -75,7 +79,7 @@ def procfile_on_free_ports(tmp_path: Path) -> tuple[Path, int, list[int]]:
     procfile = procfile.replace('"$PWD/nginx.conf"', shlex.quote(str(tmp_path / "nginx.conf")))
     procfile = procfile.replace("var/nginx", str(tmp_path / "nginx"))
     (tmp_path / "Procfile").write_text(procfile)
-    return tmp_path / "Procfile", nginx_port, ingress_ports
+    return tmp_path / "Procfile", nginx_port, ingress_ports, mongo_port
 
 
 @dataclass
@@ -116,10 +120,11 @@ class Supervised:
 def stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[Supervised, Settings]]:
     if shutil.which("nginx") is None:
         pytest.fail("nginx is not installed: ops/test (or ops/run) installs it")
-    procfile, nginx_port, ingress_ports = procfile_on_free_ports(tmp_path)
-    private = dataclasses.replace(
+    procfile, nginx_port, ingress_ports, mongo_port = procfile_on_free_ports(tmp_path)
+    private = private_queues(
         settings,
-        command_queue=f"{settings.command_queue}.crash",
+        "crash",
+        mongo_url=f"mongodb://127.0.0.1:{mongo_port}/cleanledger",
         rate_limit_burst=10**6,
         rate_limit_per_second=10**6,
         # An ingress killed between recording an operation and publishing it leaves it pending: the sweeper
