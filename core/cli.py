@@ -1,4 +1,4 @@
-"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, supervisord-config."""
+"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, audit-lag, supervisord-config."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
 from core.adapters.postgres.db import connect, open_pool
 from core.adapters.postgres.migrate import migrate
 from core.adapters.postgres.verify import verify
+from core.adapters.rabbitmq.connection import queue_depth
 from core.adapters.redis.revocations import announce_revoked
+from core.application.ports import AuditUnavailable
+from core.bootstrap import audit_store
 from core.logs import configure_logging
 from core.settings import Settings
 from core.supervision import write_config
@@ -62,6 +65,28 @@ def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_lag(settings: Settings, _: argparse.Namespace) -> int:
+    """How far the audit trail trails the ledger: the newest event each holds, and what waits in between."""
+    with connect(settings) as conn:
+        row = conn.execute(
+            "SELECT max(occurred_at), count(*) FILTER (WHERE published_at IS NULL) FROM outbox"
+        ).fetchone()
+    newest_event, unpublished = row if row else (None, 0)
+    try:
+        newest_record = audit_store(settings).newest()
+    except AuditUnavailable as exc:
+        print(f"audit store unreachable: {exc}")
+        return 1
+    waiting = queue_depth(settings.amqp_url, settings.audit_queue)
+    print(f"newest ledger event:  {newest_event.isoformat() if newest_event else '-'}")
+    print(f"newest audit record:  {newest_record.isoformat() if newest_record else '-'}")
+    if newest_event and newest_record:
+        print(f"behind by:            {max(0.0, (newest_event - newest_record).total_seconds()):.1f} s")
+    queued = "-" if waiting is None else str(waiting)
+    print(f"waiting: {unpublished} event(s) in the outbox, {queued} in {settings.audit_queue}")
+    return 0
+
+
 def cmd_supervisord_config(_: Settings, args: argparse.Namespace) -> int:
     path = write_config(Path(args.procfile), root=Path(args.root), run_dir=Path(args.run_dir))
     print(path)
@@ -73,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database-url", help="overrides CLEANLEDGER_DATABASE_URL")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="apply pending SQL migrations (idempotent)").set_defaults(func=cmd_migrate)
+    sub.add_parser("audit-lag", help="how far the MongoDB audit trail trails the ledger").set_defaults(
+        func=cmd_audit_lag
+    )
     sub.add_parser("verify", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
         func=cmd_verify
     )

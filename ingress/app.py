@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
+from core.adapters.mongo.audit import AuditReader
 from core.adapters.postgres.queries import ledger_id
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
@@ -71,6 +72,13 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await ingress.blocking(ingress.publisher.close)
 
 
+async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    ingress.audit = AuditReader(ingress.settings.mongo_url)  # connects lazily: MongoDB down never stops a node
+    yield
+    await ingress.audit.close()
+
+
 def init_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[request_context, problems, authenticate], client_max_size=settings.max_body_bytes
@@ -79,7 +87,7 @@ def init_app(settings: Settings) -> web.Application:
         settings, ThreadPoolExecutor(max_workers=settings.ingress_db_threads, thread_name_prefix="ingress-io")
     )
     app[API_KEY_CACHE] = ApiKeyCache(settings.api_key_cache_s)
-    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, redis_ctx, broker_ctx])
+    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, redis_ctx, broker_ctx, audit_ctx])
     app.add_routes(routes)
     return app
 

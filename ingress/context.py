@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from core.adapters.mongo.audit import AuditReader
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.rate_limit import TokenBucket
@@ -37,6 +38,7 @@ class Ingress:
     waiter: SettlementWaiter = field(init=False)
     revocations: RevocationListener = field(init=False)
     readiness: Readiness = field(init=False)  # GET /readyz
+    audit: AuditReader = field(init=False)  # GET /v1/operations/{id}/audit
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""

@@ -13,7 +13,7 @@ from aiohttp import web
 from core.adapters.postgres.operations import enqueue_state, mark_enqueued
 from core.adapters.rabbitmq.commands import BrokerUnavailable
 from core.application.commands import Command, validate_idempotency_key
-from core.application.ports import EntryView
+from core.application.ports import AuditUnavailable, EntryView
 from core.application.requests import Body, CreateAccountBody, CreditBody, DebitBody, TransferBody, parse_body
 from core.application.views import OperationResult, account_json, operation_json, operation_path
 from core.domain.errors import (
@@ -262,6 +262,32 @@ async def get_operation(request: web.Request) -> web.Response:
     if wait_s is not None:
         response.headers["Preference-Applied"] = f"wait={wait_s}"
     return response
+
+
+@routes.get("/v1/operations/{operation_id}/audit")
+async def get_operation_audit(request: web.Request) -> web.Response:
+    """The operation's audit records (request as claimed, snapshot or problem), from MongoDB."""
+    ingress = request.app[INGRESS]
+    tenant_id = request[TENANT]
+    operation_id = path_uuid(request, "operation_id")
+    if await current_operation(ingress, tenant_id, operation_id) is None:
+        raise OperationNotFound(f"operation {operation_id} does not exist", operation_id=str(operation_id))
+    try:
+        found = await ingress.audit.of_operation(tenant_id, str(operation_id))
+    except AuditUnavailable:
+        raise ServiceUnavailable("the audit store is unreachable; retry later", retry_after=5) from None
+    records = [
+        {
+            "id": record["_id"],
+            "kind": record["kind"],
+            "occurred_at": record["occurred_at"].isoformat(),
+            "idempotency_key": record.get("idempotency_key"),
+            "document": record["document"],
+        }
+        for record in found
+    ]
+    # Empty while the trail has not caught up yet (it trails the ledger by the relay and the audit consumer).
+    return web.json_response({"object": "list", "operation_id": str(operation_id), "data": records})
 
 
 @routes.get("/healthz")

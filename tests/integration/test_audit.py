@@ -7,18 +7,23 @@ import contextlib
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pymongo
 import pytest
+from aiohttp.test_utils import TestClient
 
 from core.adapters.mongo.audit import COLLECTION
+from core.adapters.postgres.api_keys import create_api_key
 from core.application.commands import Credit, Transfer
 from core.bootstrap import LedgerService
+from core.cli import main as cli_main
 from core.domain.money import Money
 from core.settings import Settings
+from ingress.app import init_app
 from tests.helpers import key, open_account
 from tests.processes import BIN, ManagedProcess, free_port, settings_env, wait_for_port
 from tests.services import delete_queues, private_queues
@@ -154,3 +159,66 @@ def test_an_audit_store_outage_delays_records_and_loses_none(
         found = wait_for_records(mongo, tenant, expected)
     assert {str(r["_id"]) for r in found} == expected
     assert len(found) == len(expected)
+
+
+async def test_an_operation_s_audit_records_are_served_to_its_tenant_only(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    audited: Settings,
+    mongo: MongoServer,
+    ledger: LedgerService,
+    tenant: str,
+) -> None:
+    a, b = open_account(ledger, tenant), open_account(ledger, tenant)
+    ledger.execute(Credit(tenant, a, Money.for_posting(500, "USD")), idempotency_key="audit-credit")
+    posted = ledger.execute(Transfer(tenant, a, b, Money.for_posting(200, "USD")), idempotency_key="audit-move")
+    mine = create_api_key(ledger.pool, tenant)[1]
+    theirs = create_api_key(ledger.pool, f"{tenant}-other")[1]
+    with audit_consumer(audited, "audit-api"):
+        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+    node = await aiohttp_client(init_app(audited))
+    path = f"/v1/operations/{posted.operation_id}/audit"
+    response = await node.get(path, headers={"Authorization": f"Bearer {mine}"})
+    assert response.status == 200
+    body = await response.json()
+    [record] = body["data"]
+    assert (record["kind"], record["idempotency_key"]) == ("transaction.posted", "audit-move")
+    assert record["document"]["request"]["type"] == "transfer"
+    assert {x["id"]: x["balance"]["posted"] for x in record["document"]["accounts"]} == {str(a): 300, str(b): 200}
+    # Another tenant: indistinguishable from an operation that does not exist.
+    other = await node.get(path, headers={"Authorization": f"Bearer {theirs}"})
+    assert other.status == 404
+    assert (await other.json())["code"] == "operation-not-found"
+    # The store down: a problem to retry, not a 500, and the ledger's own routes carry on.
+    mongo.stop()
+    try:
+        down = await node.get(path, headers={"Authorization": f"Bearer {mine}"})
+        assert (down.status, (await down.json())["code"]) == (503, "service-unavailable")
+        alive = await node.get(f"/v1/operations/{posted.operation_id}", headers={"Authorization": f"Bearer {mine}"})
+        assert alive.status == 200
+    finally:
+        mongo.start()
+
+
+def test_audit_lag_says_how_far_the_trail_is_behind(
+    audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    for name, value in settings_env(audited).items():
+        if name.startswith("CLEANLEDGER_"):
+            monkeypatch.setenv(name, value)
+    account = open_account(ledger, tenant)
+    with audit_consumer(audited, "audit-lag"):
+        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+    assert cli_main(["audit-lag"]) == 0
+    assert "behind by" in capsys.readouterr().out
+    post_some(ledger, tenant, [account, open_account(ledger, tenant)], 5)  # nobody audits these yet
+    time.sleep(2)  # the relay publishes them into the audit queue
+    assert cli_main(["audit-lag"]) == 0
+    out = capsys.readouterr().out
+    waiting = int(out.split(" in the outbox, ")[1].split(" in ")[0])
+    assert waiting >= 6, out
+    mongo.stop()
+    try:
+        assert cli_main(["audit-lag"]) == 1
+    finally:
+        mongo.start()

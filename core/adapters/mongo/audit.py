@@ -8,9 +8,11 @@ Indexed for the lookups an auditor makes: by operation, by idempotency key, by t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import pymongo
+from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
@@ -46,6 +48,14 @@ class MongoAuditStore(AuditStore):
         except PyMongoError as exc:
             raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
 
+    def newest(self) -> datetime | None:
+        """When the newest record stored occurred (how far the trail has caught up)."""
+        try:
+            found = self.collection.find_one({}, sort=[("occurred_at", pymongo.DESCENDING)], projection=["occurred_at"])
+        except PyMongoError as exc:
+            raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+        return None if found is None else found["occurred_at"]
+
     def count(self, *, tenant_id: str | None = None) -> int:
         try:
             return self.collection.count_documents({} if tenant_id is None else {"tenant_id": tenant_id})
@@ -73,3 +83,24 @@ def _document(record: AuditRecord) -> dict[str, Any]:
         "idempotency_key": record.idempotency_key,
         "document": record.document,
     }
+
+
+class AuditReader:
+    """Async reads of the trail, for the ingress (pymongo's asyncio client: no thread hop)."""
+
+    def __init__(self, url: str) -> None:
+        self.client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            url, serverSelectionTimeoutMS=SERVER_TIMEOUT_MS, connectTimeoutMS=SERVER_TIMEOUT_MS, tz_aware=True
+        )
+        self.collection = self.client.get_default_database("cleanledger")[COLLECTION]
+
+    async def of_operation(self, tenant_id: str, operation_id: str) -> list[dict[str, Any]]:
+        """The operation's records, oldest first; only the tenant's (another tenant's id finds nothing)."""
+        try:
+            cursor = self.collection.find({"tenant_id": tenant_id, "operation_id": operation_id}).sort("occurred_at", 1)
+            return [document async for document in cursor]
+        except PyMongoError as exc:
+            raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -34,3 +34,18 @@ def connection_parameters(
 ) -> pika.URLParameters:
     """`pika.URLParameters` for `url` with the bounds of `bounded_url` (seconds)."""
     return pika.URLParameters(bounded_url(url, connect_timeout_s=connect_timeout, blocked_timeout_s=blocked_timeout))
+
+
+def queue_depth(url: str, queue: str) -> int | None:
+    """Messages waiting in `queue`; None when it does not exist or RabbitMQ cannot be reached."""
+    try:
+        connection = pika.BlockingConnection(connection_parameters(url))
+    except pika.exceptions.AMQPError:
+        return None
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    except pika.exceptions.AMQPError:
+        return None
+    finally:
+        if connection.is_open:
+            connection.close()
