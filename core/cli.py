@@ -1,8 +1,10 @@
-"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, audit-lag, supervisord-config."""
+"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, audit-lag, replay,
+supervisord-config."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from uuid import UUID
@@ -14,7 +16,11 @@ from core.adapters.postgres.verify import verify
 from core.adapters.rabbitmq.connection import queue_depth
 from core.adapters.redis.revocations import announce_revoked
 from core.application.ports import AuditUnavailable
-from core.bootstrap import audit_store
+from core.application.replay import recorded_operations, replay
+from core.application.settle import Submission
+from core.application.views import OperationResult
+from core.bootstrap import audit_store, bootstrap
+from core.domain.errors import LedgerError
 from core.logs import configure_logging
 from core.settings import Settings
 from core.supervision import write_config
@@ -87,6 +93,45 @@ def cmd_audit_lag(settings: Settings, _: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """Re-run the audit trail's requests into an empty database; exit 1 unless every outcome and balance matches."""
+    target = dataclasses.replace(settings, database_url=args.into)
+    migrate(target)
+    service = bootstrap(target, pool_size=2)
+    try:
+        with service.pool.connection() as conn:
+            row = conn.execute("SELECT count(*) FROM accounts").fetchone()
+        if row is not None and row[0]:
+            print("the target database is not empty: replay needs a fresh one")
+            return 2
+        try:
+            operations = recorded_operations(audit_store(settings).in_commit_order())
+        except AuditUnavailable as exc:
+            print(f"audit store unreachable: {exc}")
+            return 1
+
+        def give_up(submission: Submission, error: LedgerError) -> OperationResult:
+            return service.give_up(
+                submission.command,
+                idempotency_key=submission.idempotency_key,
+                operation_id=submission.operation_id,
+                error=error,
+            )
+
+        def balance_of(tenant_id: str, account_id: UUID) -> int | None:
+            account = service.queries.account(tenant_id, account_id)
+            return None if account is None else account.balance
+
+        report = replay(operations, settle_group=service.settle_group, give_up=give_up, balance_of=balance_of)
+    finally:
+        service.close()
+    for mismatch in report.mismatches:
+        print(f"MISMATCH {mismatch}")
+    verdict = "every outcome and balance matches" if report.matches else f"{len(report.mismatches)} mismatch(es)"
+    print(f"replayed {report.operations} operation(s), checked {report.accounts} balance(s): {verdict}")
+    return 0 if report.matches else 1
+
+
 def cmd_supervisord_config(_: Settings, args: argparse.Namespace) -> int:
     path = write_config(Path(args.procfile), root=Path(args.root), run_dir=Path(args.run_dir))
     print(path)
@@ -101,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("audit-lag", help="how far the MongoDB audit trail trails the ledger").set_defaults(
         func=cmd_audit_lag
     )
+    replay_cmd = sub.add_parser("replay", help="re-run the audit trail into an empty database and compare")
+    replay_cmd.add_argument("--into", required=True, help="URL of an empty PostgreSQL database to replay into")
+    replay_cmd.set_defaults(func=cmd_replay)
     sub.add_parser("verify", help="check the ledger's invariants; exit 1 on any violation").set_defaults(
         func=cmd_verify
     )

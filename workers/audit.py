@@ -53,6 +53,7 @@ def audit_record(delivery: Delivery) -> AuditRecord:
             operation_id=data.get("operation_id"),
             idempotency_key=data.get("idempotency_key"),
             document=data,
+            position=event.get("position"),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an event: {exc}") from None

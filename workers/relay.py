@@ -71,8 +71,8 @@ log = structlog.get_logger(__name__)
 
 
 def event_from_row(row: Sequence[Any]) -> Event:
-    _, event_id, event_type, tenant_id, payload, occurred_at = row
-    return Event(type=event_type, tenant_id=tenant_id, payload=payload, occurred_at=occurred_at, id=event_id)
+    position, event_id, event_type, tenant_id, payload, occurred_at = row
+    return Event(event_type, tenant_id, payload, occurred_at, id=event_id, position=position)
 
 
 def _notified(listener: Connection[TupleRow], *, timeout: float) -> bool:

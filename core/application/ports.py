@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -33,6 +33,7 @@ class Event:
     payload: dict[str, Any]
     occurred_at: datetime
     id: UUID = field(default_factory=new_id)
+    position: int | None = None  # its place in the outbox, the ledger's commit order; set once staged
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +128,7 @@ class AuditRecord:
     operation_id: str | None  # links it to its operation, when it has one
     idempotency_key: str | None
     document: dict[str, Any]
+    position: int | None = None  # the ledger's commit order (the outbox position), for replay
 
 
 class AuditStore(abc.ABC):
@@ -139,6 +141,10 @@ class AuditStore(abc.ABC):
 
     @abc.abstractmethod
     def count(self, *, tenant_id: str | None = None) -> int: ...
+
+    @abc.abstractmethod
+    def in_commit_order(self) -> Iterator[AuditRecord]:
+        """Every record that knows its place in the ledger's commit order, in that order (for replay)."""
 
 
 class AuditUnavailable(Exception):

@@ -26,7 +26,7 @@ from core.settings import Settings
 from ingress.app import init_app
 from tests.helpers import key, open_account
 from tests.processes import BIN, ManagedProcess, free_port, settings_env, wait_for_port
-from tests.services import delete_queues, private_queues
+from tests.services import delete_queues, postgres_admin_url, private_queues
 
 WAIT_S = 60.0  # generous bound on steps that take a second or two
 
@@ -73,8 +73,7 @@ def audited(settings: Settings, mongo: MongoServer) -> Iterator[Settings]:
     outbox relay running."""
     own = private_queues(settings, f"audit{key()[:8]}", mongo_url=mongo.url)
     try:
-        with ManagedProcess.start([str(BIN / "python"), "-m", "workers.relay", "--poll-interval", "0.5"],
-                                  env=settings_env(own), name="audit-relay"):  # fmt: skip
+        with relay(own, "audit-relay"):
             yield own
     finally:
         delete_queues(own)
@@ -84,8 +83,13 @@ def audit_consumer(settings: Settings, name: str) -> contextlib.AbstractContextM
     return ManagedProcess.start([str(BIN / "python"), "-m", "workers.audit"], env=settings_env(settings), name=name)
 
 
-def records(mongo: MongoServer, tenant: str) -> list[dict[str, object]]:
-    with pymongo.MongoClient(mongo.url, serverSelectionTimeoutMS=5000) as client:
+def relay(settings: Settings, name: str) -> contextlib.AbstractContextManager[ManagedProcess]:
+    command = [str(BIN / "python"), "-m", "workers.relay", "--poll-interval", "0.5"]
+    return ManagedProcess.start(command, env=settings_env(settings), name=name)
+
+
+def records(mongo_url: str, tenant: str) -> list[dict[str, object]]:
+    with pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000) as client:
         return list(client.get_default_database()[COLLECTION].find({"tenant_id": tenant}))
 
 
@@ -95,10 +99,10 @@ def outbox_ids(settings: Settings, tenant: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def wait_for_records(mongo: MongoServer, tenant: str, expected: set[str]) -> list[dict[str, object]]:
+def wait_for_records(mongo_url: str, tenant: str, expected: set[str]) -> list[dict[str, object]]:
     deadline = time.monotonic() + WAIT_S
     while True:
-        found = records(mongo, tenant)
+        found = records(mongo_url, tenant)
         if {str(r["_id"]) for r in found} >= expected or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
@@ -119,13 +123,13 @@ def test_every_event_reaches_the_audit_store_once_across_a_consumer_crash(
     accounts: list[object] = [open_account(ledger, tenant) for _ in range(3)]
     with audit_consumer(audited, "audit-1") as first:
         post_some(ledger, tenant, accounts, 50)
-        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+        wait_for_records(mongo.url, tenant, outbox_ids(audited, tenant))
         post_some(ledger, tenant, accounts, 200)
         first.kill()  # SIGKILL, whatever it was doing
     post_some(ledger, tenant, accounts, 50)  # the ledger goes on while nobody audits
     expected = outbox_ids(audited, tenant)
     with audit_consumer(audited, "audit-2"):
-        found = wait_for_records(mongo, tenant, expected)
+        found = wait_for_records(mongo.url, tenant, expected)
     assert {str(r["_id"]) for r in found} == expected  # every event, none twice (the id is the key)
     assert len(found) == len(expected)
     posted = [r for r in found if r["kind"] == "transaction.posted"]
@@ -156,7 +160,7 @@ def test_an_audit_store_outage_delays_records_and_loses_none(
         finally:
             mongo.start()  # same port, same storage
         expected = outbox_ids(audited, tenant)
-        found = wait_for_records(mongo, tenant, expected)
+        found = wait_for_records(mongo.url, tenant, expected)
     assert {str(r["_id"]) for r in found} == expected
     assert len(found) == len(expected)
 
@@ -174,7 +178,7 @@ async def test_an_operation_s_audit_records_are_served_to_its_tenant_only(
     mine = create_api_key(ledger.pool, tenant)[1]
     theirs = create_api_key(ledger.pool, f"{tenant}-other")[1]
     with audit_consumer(audited, "audit-api"):
-        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+        wait_for_records(mongo.url, tenant, outbox_ids(audited, tenant))
     node = await aiohttp_client(init_app(audited))
     path = f"/v1/operations/{posted.operation_id}/audit"
     response = await node.get(path, headers={"Authorization": f"Bearer {mine}"})
@@ -208,7 +212,7 @@ def test_audit_lag_says_how_far_the_trail_is_behind(
             monkeypatch.setenv(name, value)
     account = open_account(ledger, tenant)
     with audit_consumer(audited, "audit-lag"):
-        wait_for_records(mongo, tenant, outbox_ids(audited, tenant))
+        wait_for_records(mongo.url, tenant, outbox_ids(audited, tenant))
     assert cli_main(["audit-lag"]) == 0
     assert "behind by" in capsys.readouterr().out
     post_some(ledger, tenant, [account, open_account(ledger, tenant)], 5)  # nobody audits these yet
@@ -222,3 +226,49 @@ def test_audit_lag_says_how_far_the_trail_is_behind(
         assert cli_main(["audit-lag"]) == 1
     finally:
         mongo.start()
+
+
+def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and_balance(
+    settings: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    own = private_queues(settings, f"replay{key()[:8]}", mongo_url=f"{mongo.url}_replay_{key()[:8]}")
+    for name, value in settings_env(own).items():
+        if name.startswith("CLEANLEDGER_"):
+            monkeypatch.setenv(name, value)
+    try:
+        with relay(own, "replay-relay"), audit_consumer(own, "replay-audit"):
+            accounts: list[object] = [open_account(ledger, tenant, overdraft=n * 100) for n in range(4)]
+            post_some(ledger, tenant, accounts, 120)  # credits, and a transfer refused for funds
+            items = [
+                (Transfer(tenant, accounts[i % 4], accounts[(i + 1) % 4], Money.for_posting(37 * i + 1, "USD")), key())
+                for i in range(150)
+            ]  # some of them refused: the order decides which
+            ledger.execute_many(items)  # type: ignore[arg-type]
+            ledger.execute_many(items[:20])  # replays: nothing new
+            wait_for_records(own.mongo_url, tenant, outbox_ids(own, tenant))
+        with fresh_database() as target:
+            assert cli_main(["replay", "--into", target]) == 0, capsys.readouterr().out
+            assert "every outcome and balance matches" in capsys.readouterr().out
+        # A trail that lies is caught: one balance changed in one snapshot.
+        with pymongo.MongoClient(own.mongo_url, serverSelectionTimeoutMS=5000) as client:
+            collection = client.get_default_database()[COLLECTION]
+            posted = collection.find_one({"tenant_id": tenant, "kind": "transaction.posted"}, sort=[("position", -1)])
+            assert posted is not None
+            collection.update_one({"_id": posted["_id"]}, {"$inc": {"document.transaction.entries.0.balance_after": 1}})
+        with fresh_database() as target:
+            assert cli_main(["replay", "--into", target]) == 1
+            assert "MISMATCH" in capsys.readouterr().out
+    finally:
+        delete_queues(own)
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    name = f"cleanledger_replay_{key()[:12]}"
+    with postgres_admin_url() as admin, psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield psycopg.conninfo.make_conninfo(admin, dbname=name)
+        finally:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

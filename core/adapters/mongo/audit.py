@@ -7,7 +7,7 @@ Indexed for the lookups an auditor makes: by operation, by idempotency key, by t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -62,6 +62,22 @@ class MongoAuditStore(AuditStore):
         except PyMongoError as exc:
             raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
 
+    def in_commit_order(self) -> Iterator[AuditRecord]:
+        try:
+            for doc in self.collection.find({"position": {"$ne": None}}).sort("position", pymongo.ASCENDING):
+                yield AuditRecord(
+                    id=doc["_id"],
+                    kind=doc["kind"],
+                    tenant_id=doc["tenant_id"],
+                    occurred_at=doc["occurred_at"],
+                    operation_id=doc.get("operation_id"),
+                    idempotency_key=doc.get("idempotency_key"),
+                    document=doc["document"],
+                    position=doc["position"],
+                )
+        except PyMongoError as exc:
+            raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+
     def close(self) -> None:
         self.client.close()
 
@@ -70,6 +86,7 @@ class MongoAuditStore(AuditStore):
             self.collection.create_index("operation_id")
             self.collection.create_index([("tenant_id", 1), ("idempotency_key", 1)])
             self.collection.create_index([("tenant_id", 1), ("occurred_at", 1)])
+            self.collection.create_index("position")
             self._indexed = True
 
 
@@ -82,6 +99,7 @@ def _document(record: AuditRecord) -> dict[str, Any]:
         "operation_id": record.operation_id,
         "idempotency_key": record.idempotency_key,
         "document": record.document,
+        "position": record.position,
     }
 
 

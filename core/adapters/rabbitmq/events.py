@@ -5,7 +5,8 @@ Events go to the durable topic exchange `ledger.events` with the event type as r
 `transaction.*` or `#`. Messages are persistent JSON; `message_id` is the event id, which consumers use to
 deduplicate: delivery is at-least-once (the outbox relay republishes a batch whose commit it never saw).
 
-The body is `{"id", "type", "tenant_id", "occurred_at", "data"}`; `tenant_id` is also a header so a
+The body is `{"id", "type", "tenant_id", "occurred_at", "data", "position"}` (`position`: the event's place in
+the outbox, the order in which the ledger committed); `tenant_id` is also a header so a
 headers-aware consumer can filter without parsing the body.
 """
 
@@ -59,13 +60,15 @@ def declare_subscriber_queue(channel: Any, queue: str, exchange: str = EVENTS_EX
 
 def event_body(event: Event) -> bytes:
     """The message body: the event as JSON."""
-    document = {
+    document: dict[str, Any] = {
         "id": str(event.id),
         "type": event.type,
         "tenant_id": event.tenant_id,
         "occurred_at": event.occurred_at.isoformat(),
         "data": event.payload,
     }
+    if event.position is not None:
+        document["position"] = event.position  # the outbox's order: the order the ledger committed in
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
