@@ -232,7 +232,7 @@ class WebhookService:
 def validate_event_types(event_types: Sequence[str]) -> tuple[str, ...]:
     types = tuple(dict.fromkeys(event_types))
     if not types:
-        raise RequestInvalid("enabled_events must name at least one event type (or \"*\")")
+        raise RequestInvalid('enabled_events must name at least one event type (or "*")')
     if len(types) > MAX_EVENT_TYPES:
         raise RequestInvalid(f"enabled_events may name at most {MAX_EVENT_TYPES} event types")
     bad = [t for t in types if len(t) > 100 or not EVENT_TYPE_PATTERN.fullmatch(t)]
