@@ -27,6 +27,7 @@ def settings() -> Iterator[Settings]:
             command_queue=f"ledger.commands.{name}",  # private queue: no stray worker can take our commands
             request_exchange=f"ledger.requests.{name}",  # and a private exchange for direct AMQP producers
             request_queue=f"ledger.requests.{name}",
+            webhook_queue=f"ledger.webhooks.{name}",  # private fan-out queue of the run's webhook workers
             log_level="WARNING",
         )
         migrate(test_settings)
