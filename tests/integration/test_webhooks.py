@@ -50,6 +50,7 @@ def hook_settings(settings: Settings) -> Settings:
         webhook_backoff_min_s=0.2,
         webhook_backoff_max_s=1.0,
         webhook_poll_s=0.2,
+        webhook_concurrency=8,
         webhook_endpoint_concurrency=2,
         log_level="INFO",
     )
@@ -315,7 +316,8 @@ async def test_a_dead_receiver_does_not_delay_another(
     await register(api, slow_key, hanging.url, ["*"])
     await register(api, fast_key, healthy.url, ["*"])
 
-    slow_accounts = [await in_thread(open_account, ledger, slow) for _ in range(10)]  # 20 failing deliveries
+    # 60 deliveries due at once to the failing endpoints: many more than the worker's 8 slots.
+    slow_accounts = [await in_thread(open_account, ledger, slow) for _ in range(30)]
     await hanging.wait_for(1)
     started = time.monotonic()
     fast_accounts = [await in_thread(open_account, ledger, fast) for _ in range(5)]

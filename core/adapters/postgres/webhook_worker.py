@@ -35,12 +35,19 @@ FAN_OUT = (
     " SELECT count(*) FROM inserted"
 )
 
-# Due deliveries not locked by another worker, for endpoints this worker has room for.
+# Due deliveries not locked by another worker, fairly: the endpoints with something due (longest waiting first,
+# those this worker has no room for left out), then at most `per_endpoint` of each. However many deliveries a
+# dead endpoint has piled up, it never fills a claim and hides the others' behind it.
 SELECT_DUE = (
-    "SELECT d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, d.expires_at, e.url, e.secret"
-    " FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id"
-    " WHERE d.status = 'pending' AND d.next_attempt_at <= now() AND NOT (d.endpoint_id = ANY(%s))"
-    " ORDER BY d.next_attempt_at LIMIT %s FOR UPDATE OF d SKIP LOCKED"
+    "WITH ready AS (SELECT endpoint_id FROM webhook_deliveries"
+    "  WHERE status = 'pending' AND next_attempt_at <= now() AND NOT (endpoint_id = ANY(%(busy)s))"
+    "  GROUP BY endpoint_id ORDER BY min(next_attempt_at) LIMIT %(endpoints)s)"
+    " SELECT d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, d.expires_at, e.url, e.secret"
+    " FROM ready CROSS JOIN LATERAL (SELECT * FROM webhook_deliveries w"
+    "   WHERE w.endpoint_id = ready.endpoint_id AND w.status = 'pending' AND w.next_attempt_at <= now()"
+    "   ORDER BY w.next_attempt_at LIMIT %(per_endpoint)s FOR UPDATE SKIP LOCKED) AS d"
+    " JOIN webhook_endpoints e ON e.id = d.endpoint_id"
+    " ORDER BY d.next_attempt_at"
 )
 # The claimed ones are leased: not due again until the attempt's outcome is recorded, or the lease runs out
 # (the worker died mid-attempt: another one tries again).
@@ -106,7 +113,8 @@ async def claim_due(
     """Claim up to `limit` due deliveries, at most `room[endpoint]` (else `default_room`) per endpoint, leasing
     them for `lease_s` seconds; endpoints in `busy` are skipped. Rows left over stay due for others."""
     async with pool.connection() as conn, conn.transaction():
-        rows = await (await conn.execute(SELECT_DUE, (list(busy), limit * 4))).fetchall()
+        params = {"busy": list(busy), "endpoints": limit, "per_endpoint": max(default_room, 1)}
+        rows = await (await conn.execute(SELECT_DUE, params)).fetchall()
         picked: list[Due] = []
         left = dict(room)
         for row in rows:

@@ -32,8 +32,10 @@ CREATE TABLE webhook_deliveries (
     completed_at    timestamptz,
     UNIQUE (endpoint_id, event_id)  -- an event delivered twice to the fan-out never duplicates a delivery
 );
--- The due-deliveries scan: pending only, oldest due first.
+-- The due-deliveries scan: pending only, the endpoints with something due, then each one's oldest due first.
 CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_endpoint_due_idx ON webhook_deliveries (endpoint_id, next_attempt_at)
+    WHERE status = 'pending';
 -- An endpoint's deliveries, newest first.
 CREATE INDEX webhook_deliveries_endpoint_idx ON webhook_deliveries (endpoint_id, created_at DESC, id DESC);
 
