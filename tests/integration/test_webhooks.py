@@ -116,6 +116,8 @@ class Receiver:
     received: list[Received] = field(default_factory=list)
     script: list[Any] = field(default_factory=list)
     default: int = 200
+    in_flight: int = 0
+    most_in_flight: int = 0  # the most requests it was answering at once
 
     @property
     def url(self) -> str:
@@ -124,10 +126,15 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         self.received.append(Received(dict(request.headers), await request.read(), time.monotonic()))
         step = self.script.pop(0) if self.script else self.default
-        if isinstance(step, tuple):
-            await asyncio.sleep(step[1])
-            return web.Response(status=200)
-        return web.Response(status=step)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if isinstance(step, tuple):
+                await asyncio.sleep(step[1])
+                return web.Response(status=200)
+            return web.Response(status=step)
+        finally:
+            self.in_flight -= 1
 
     async def wait_for(self, count: int, timeout_s: float = 20.0) -> list[Received]:
         deadline = time.monotonic() + timeout_s
@@ -335,6 +342,51 @@ async def test_a_dead_receiver_does_not_delay_another(
     assert page["data"] and all(d["status"] == "pending" for d in page["data"])
     tried = [d for d in page["data"] if d["attempts"] >= 1]
     assert tried and all(d["last_error"].startswith("connection failed") for d in tried), tried
+    # The hanging receiver never held more than its share of the worker's slots.
+    assert 1 <= hanging.most_in_flight <= 2  # CLEANLEDGER_WEBHOOK_ENDPOINT_CONCURRENCY
+
+
+async def test_an_event_seen_twice_and_two_workers_still_deliver_each_once(
+    api: TestClient[Any, Any],
+    api_key: str,
+    ledger: LedgerService,
+    tenant: str,
+    hook_settings: Settings,
+    webhook_worker: ManagedProcess,
+    receivers: Callable[[], Awaitable[Receiver]],
+) -> None:
+    receiver = await receivers()
+    await register(api, api_key, receiver.url, ["*"])
+    with ManagedProcess.start(
+        [sys.executable, "-m", "workers.webhooks"], env=settings_env(hook_settings), name="webhooks-2"
+    ) as second:
+        await in_thread(wait_for_log, second, "webhooks.fanout_consuming")
+        for _ in range(20):
+            await in_thread(open_account, ledger, tenant)
+        # The same event published twice more (the relay is at least once): nothing new to deliver.
+        document = {"id": str(new_id()), "type": "test.twice", "tenant_id": tenant, "occurred_at": "x", "data": {}}
+        await in_thread(publish_twice, hook_settings.amqp_url, document)
+        got = await receiver.wait_for(21)
+        await asyncio.sleep(1.5)
+        assert second.popen.poll() is None
+    assert len(receiver.received) == 21, [r.event["type"] for r in receiver.received]
+    assert len({r.headers["Cleanledger-Delivery"] for r in got}) == 21
+    assert sum(r.event["type"] == "test.twice" for r in got) == 1
+
+
+def publish_twice(url: str, document: dict[str, Any]) -> None:
+    import pika
+
+    from core.adapters.rabbitmq import EVENTS_EXCHANGE
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for _ in range(2):
+            channel.basic_publish(EVENTS_EXCHANGE, document["type"], json.dumps(document).encode())
+    finally:
+        connection.close()
 
 
 async def test_resend_of_a_failed_delivery(
