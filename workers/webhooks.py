@@ -246,7 +246,7 @@ class WebhookDispatcher:
     async def _attempt(self, due: Due) -> None:
         try:
             attempted_at = datetime.now(UTC)
-            result = await self.sender.send(Outgoing(due.id, due.url, due.event_type, due.payload, due.secret))
+            result = await self.sender.send(Outgoing(due.id, due.url, due.event_type, due.body.encode(), due.secret))
             step = after_attempt(
                 result,
                 attempts=due.attempts + 1,

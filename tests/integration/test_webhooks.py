@@ -485,7 +485,7 @@ async def test_localhost_is_refused_unless_allowed_and_nothing_is_sent(
     sender = WebhookSender(timeout_s=1.0, allowed=parse_networks(""), max_connections=4)
     try:
         for url in (named, receiver.url):
-            result = await sender.send(Outgoing(new_id(), url, "account.created", {"id": "x"}, "whsec_test"))
+            result = await sender.send(Outgoing(new_id(), url, "account.created", b'{"id": "x"}', "whsec_test"))
             assert result.status_code is None and result.error is not None and result.error.startswith("refused"), (
                 result
             )
@@ -495,7 +495,7 @@ async def test_localhost_is_refused_unless_allowed_and_nothing_is_sent(
     # Allowed explicitly, the same receiver is reached.
     allowed = WebhookSender(timeout_s=2.0, allowed=parse_networks(LOOPBACK), max_connections=4)
     try:
-        result = await allowed.send(Outgoing(new_id(), receiver.url, "account.created", {"id": "x"}, "whsec_test"))
+        result = await allowed.send(Outgoing(new_id(), receiver.url, "account.created", b'{"id": "x"}', "whsec_test"))
     finally:
         await allowed.close()
     assert result.status_code == 200
@@ -508,7 +508,7 @@ async def test_redirects_are_not_followed(receivers: Callable[[], Awaitable[Rece
     redirecting.default = 307
     sender = WebhookSender(timeout_s=2.0, allowed=parse_networks(LOOPBACK), max_connections=4)
     try:
-        result = await sender.send(Outgoing(new_id(), redirecting.url, "x.y", {"id": "x"}, "whsec_test"))
+        result = await sender.send(Outgoing(new_id(), redirecting.url, "x.y", b'{"id": "x"}', "whsec_test"))
     finally:
         await sender.close()
     assert result.status_code == 307 and not result.succeeded

@@ -15,11 +15,9 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 import aiohttp
-import orjson
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
@@ -71,12 +69,8 @@ class Outgoing:
     delivery_id: UUID
     url: str
     event_type: str
-    payload: dict[str, Any]
+    body: bytes  # JSON, signed and sent byte for byte
     secret: str
-
-
-def body_of(payload: dict[str, Any]) -> bytes:
-    return orjson.dumps(payload)
 
 
 class WebhookSender:
@@ -116,7 +110,7 @@ class WebhookSender:
                 check_addresses(parsed.host, [parsed.literal], self.allowed)
         except LedgerError as exc:
             return result(None, f"refused: {exc.detail}")
-        body = body_of(outgoing.payload)
+        body = outgoing.body
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: signature(outgoing.secret, int(time.time()), body),

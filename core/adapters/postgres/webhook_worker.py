@@ -42,7 +42,7 @@ SELECT_DUE = (
     "WITH ready AS (SELECT endpoint_id FROM webhook_deliveries"
     "  WHERE status = 'pending' AND next_attempt_at <= now() AND NOT (endpoint_id = ANY(%(busy)s))"
     "  GROUP BY endpoint_id ORDER BY min(next_attempt_at) LIMIT %(endpoints)s)"
-    " SELECT d.id, d.endpoint_id, d.event_type, d.payload, d.attempts, d.expires_at, e.url, e.secret"
+    " SELECT d.id, d.endpoint_id, d.event_type, d.payload::text, d.attempts, d.expires_at, e.url, e.secret"
     " FROM ready CROSS JOIN LATERAL (SELECT * FROM webhook_deliveries w"
     "   WHERE w.endpoint_id = ready.endpoint_id AND w.status = 'pending' AND w.next_attempt_at <= now()"
     "   ORDER BY w.next_attempt_at LIMIT %(per_endpoint)s FOR UPDATE SKIP LOCKED) AS d"
@@ -70,7 +70,7 @@ class Due:
     id: UUID
     endpoint_id: UUID
     event_type: str
-    payload: dict[str, Any]
+    body: str  # the event document as JSON text, sent as it is: never parsed and written again (exact numbers)
     attempts: int  # made so far
     expires_at: datetime
     url: str
