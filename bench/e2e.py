@@ -215,7 +215,7 @@ def delete_queues(amqp_url: str, queue: str) -> list[str]:
     """The private command queue and every queue beside it (at least Dramatiq's delay and dead-letter queues)."""
     import pika
 
-    names = sorted({queue, f"{queue}.DQ", f"{queue}.XQ", *queues_beside(queue)})
+    names = sorted({queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.webhooks", *queues_beside(queue)})
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
@@ -252,6 +252,7 @@ def stack_env(db_url: str, queue: str) -> dict[str, str]:
             "PWD": str(ROOT),
             "CLEANLEDGER_DATABASE_URL": db_url,
             "CLEANLEDGER_COMMAND_QUEUE": queue,
+            "CLEANLEDGER_WEBHOOK_QUEUE": f"{queue}.webhooks",  # the Procfile's webhook worker: private, deleted after
             "CLEANLEDGER_LOG_LEVEL": "WARNING",
             "CLEANLEDGER_RATE_LIMIT_BURST": str(10**9),
             "CLEANLEDGER_RATE_LIMIT_PER_SECOND": str(10**9),

@@ -10,17 +10,21 @@ from uuid import UUID
 from psycopg_pool import ConnectionPool
 
 from core.adapters.mongo.audit import MongoAuditStore
+from core.adapters.net import SystemResolver
 from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.queries import PostgresQueries
 from core.adapters.postgres.uow import PostgresUnitOfWork
+from core.adapters.postgres.webhooks import PostgresWebhooks
 from core.application import group_commit, handlers
 from core.application.commands import Command
 from core.application.group_commit import Outcome, Unsettled
 from core.application.retry import RetryPolicy
 from core.application.settle import Submission
 from core.application.views import OperationResult
+from core.application.webhooks import WebhookService
 from core.domain.errors import LedgerError
 from core.domain.ids import new_id
+from core.domain.webhooks import parse_networks
 from core.settings import Settings
 
 
@@ -32,6 +36,10 @@ class LedgerService:
     pool: ConnectionPool
     queries: PostgresQueries
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    webhooks: WebhookService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.webhooks = webhook_service(self.settings, self.pool)
 
     def unit_of_work(self) -> PostgresUnitOfWork:
         return PostgresUnitOfWork(self.pool)
@@ -96,6 +104,16 @@ class LedgerService:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def webhook_service(settings: Settings, pool: ConnectionPool) -> WebhookService:
+    """Webhook endpoints, deliveries and the event feed, with the SSRF allow-list of `settings`."""
+    return WebhookService(
+        PostgresWebhooks(pool),
+        SystemResolver(),
+        allowed_networks=parse_networks(settings.webhook_allowed_networks),
+        retry_window_s=settings.webhook_retry_window_s,
+    )
 
 
 def bootstrap(

@@ -53,6 +53,17 @@ class Settings:
     worker_group_wait_ms: float = 2.0
     redeliver_after_s: int = 120  # a pending operation this old without a settlement is enqueued again
     outbox_retention_s: int = 24 * 3600  # published events stay in the outbox this long, then the relay prunes them
+    # --- webhooks (workers/webhooks.py) --------------------------------------------------------------------
+    webhook_queue: str = "ledger.webhooks"  # durable queue bound to `ledger.events` ('#') feeding the fan-out
+    webhook_timeout_s: float = 5.0  # one delivery attempt's whole HTTP exchange, seconds
+    webhook_retry_window_s: int = 24 * 3600  # a delivery is retried this long after it was created, seconds
+    webhook_backoff_min_s: float = 5.0  # ceiling of the first retry's jittered delay, seconds (doubles)
+    webhook_backoff_max_s: float = 3600.0  # cap of a retry delay, seconds
+    webhook_concurrency: int = 64  # HTTP attempts in flight per webhook worker process
+    webhook_endpoint_concurrency: int = 4  # of which at most this many to any one endpoint
+    webhook_poll_s: float = 1.0  # the delivery loop looks for due retries at least this often, seconds
+    # CIDR networks (comma separated) webhooks may reach although private, loopback or link-local; empty: none.
+    webhook_allowed_networks: str = ""
     log_level: str = "INFO"
     log_json: bool = True
 

@@ -15,7 +15,16 @@ from core.adapters.rabbitmq.commands import BrokerUnavailable
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import AuditUnavailable, EntryView
 from core.application.requests import Body, CreateAccountBody, CreditBody, DebitBody, TransferBody, parse_body
-from core.application.views import OperationResult, account_json, operation_json, operation_path
+from core.application.views import (
+    OperationResult,
+    account_json,
+    delivery_json,
+    endpoint_json,
+    event_json,
+    operation_json,
+    operation_path,
+)
+from core.application.webhooks import EventFilter
 from core.domain.errors import (
     AccountNotFound,
     IdempotencyKeyInUse,
@@ -29,7 +38,14 @@ from core.domain.errors import (
 from core.domain.ids import new_id
 from ingress.context import INGRESS, Ingress
 from ingress.middleware import TENANT
-from ingress.schemas import parse_query
+from ingress.schemas import (
+    DeliveriesQuery,
+    EventsQuery,
+    WebhookEndpointBody,
+    parse_json_body,
+    parse_model,
+    parse_query,
+)
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("ingress")
@@ -288,6 +304,123 @@ async def get_operation_audit(request: web.Request) -> web.Response:
     ]
     # Empty while the trail has not caught up yet (it trails the ledger by the relay and the audit consumer).
     return web.json_response({"object": "list", "operation_id": str(operation_id), "data": records})
+
+
+# --- webhooks and the event feed ---------------------------------------------------------------------------
+def endpoint_path(endpoint_id: UUID | str) -> str:
+    return f"/v1/webhook-endpoints/{endpoint_id}"
+
+
+async def read_json(request: web.Request) -> bytes:
+    if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
+        raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
+    return await request.read()
+
+
+@routes.post("/v1/webhook-endpoints")
+async def create_webhook_endpoint(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    body = parse_json_body(WebhookEndpointBody, await read_json(request))
+    endpoint, secret = await ingress.blocking(
+        ingress.ledger.webhooks.register, request[TENANT], body.url, body.event_types, body.description
+    )
+    log.info("webhook.endpoint_created", endpoint_id=str(endpoint.id))
+    response = web.json_response(endpoint_json(endpoint, secret=secret), status=201)
+    response.headers["Location"] = endpoint_path(endpoint.id)
+    return response
+
+
+@routes.get("/v1/webhook-endpoints")
+async def list_webhook_endpoints(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoints = await ingress.blocking(ingress.ledger.webhooks.endpoints, request[TENANT])
+    return web.json_response({"object": "list", "data": [endpoint_json(e) for e in endpoints], "has_more": False})
+
+
+@routes.get("/v1/webhook-endpoints/{endpoint_id}")
+async def get_webhook_endpoint(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id = path_uuid(request, "endpoint_id")
+    endpoint = await ingress.blocking(ingress.ledger.webhooks.endpoint, request[TENANT], endpoint_id)
+    return web.json_response(endpoint_json(endpoint))
+
+
+@routes.delete("/v1/webhook-endpoints/{endpoint_id}")
+async def delete_webhook_endpoint(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id = path_uuid(request, "endpoint_id")
+    await ingress.blocking(ingress.ledger.webhooks.delete, request[TENANT], endpoint_id)
+    return web.Response(status=204)
+
+
+@routes.post("/v1/webhook-endpoints/{endpoint_id}/roll-secret")
+async def roll_webhook_secret(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id = path_uuid(request, "endpoint_id")
+    endpoint, secret = await ingress.blocking(ingress.ledger.webhooks.roll_secret, request[TENANT], endpoint_id)
+    log.info("webhook.secret_rolled", endpoint_id=str(endpoint_id))
+    return web.json_response(endpoint_json(endpoint, secret=secret))
+
+
+@routes.get("/v1/webhook-endpoints/{endpoint_id}/deliveries")
+async def list_webhook_deliveries(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id = path_uuid(request, "endpoint_id")
+    query = parse_model(DeliveriesQuery, dict(request.query))
+    page = await ingress.blocking(
+        ingress.ledger.webhooks.deliveries,
+        request[TENANT],
+        endpoint_id,
+        limit=query.limit,
+        cursor=query.cursor,
+        status=query.status,
+    )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [delivery_json(d) for d in page.deliveries],
+            "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@routes.get("/v1/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")
+async def get_webhook_delivery(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id, delivery_id = path_uuid(request, "endpoint_id"), path_uuid(request, "delivery_id")
+    delivery = await ingress.blocking(ingress.ledger.webhooks.delivery, request[TENANT], endpoint_id, delivery_id)
+    return web.json_response(delivery_json(delivery))
+
+
+@routes.post("/v1/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}/resend")
+async def resend_webhook_delivery(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    endpoint_id, delivery_id = path_uuid(request, "endpoint_id"), path_uuid(request, "delivery_id")
+    delivery = await ingress.blocking(ingress.ledger.webhooks.resend, request[TENANT], endpoint_id, delivery_id)
+    return web.json_response(delivery_json(delivery), status=202)
+
+
+@routes.get("/v1/events")
+async def list_events(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    query = parse_model(EventsQuery, dict(request.query))
+    types = tuple(t.strip() for t in (query.type or "").split(",") if t.strip())
+    page = await ingress.blocking(
+        ingress.ledger.webhooks.events,
+        request[TENANT],
+        limit=query.limit,
+        cursor=query.cursor,
+        filters=EventFilter(types, query.since, query.until),
+    )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [event_json(e) for e in page.events],
+            "has_more": page.has_more,
+            "next_cursor": page.next_cursor,
+        }
+    )
 
 
 @routes.get("/healthz")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
@@ -24,3 +24,46 @@ def parse_query(query: dict[str, str]) -> EntriesQuery:
         return EntriesQuery.model_validate(query)
     except ValidationError as exc:
         raise validation_problem(exc, status=400) from None
+
+
+class DeliveriesQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=200)
+    status: Literal["pending", "succeeded", "failed"] | None = None
+
+
+class EventsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=200)
+    type: str | None = Field(None, max_length=1000)  # one event type, or several separated by commas
+    since: AwareDatetime | None = None  # inclusive, on occurred_at
+    until: AwareDatetime | None = None  # exclusive
+
+
+class WebhookEndpointBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    url: str = Field(max_length=4096)  # the domain refuses over 2048 with its own code
+    event_types: list[str] = Field(min_length=1, max_length=32)
+    description: str = Field("", max_length=500)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(model: type[M], query: dict[str, str]) -> M:
+    try:
+        return model.model_validate(query)
+    except ValidationError as exc:
+        raise validation_problem(exc, status=400) from None
+
+
+def parse_json_body(model: type[M], raw: bytes) -> M:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None

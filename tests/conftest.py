@@ -28,6 +28,7 @@ def settings() -> Iterator[Settings]:
             request_exchange=f"ledger.requests.{name}",  # and a private exchange for direct AMQP producers
             request_queue=f"ledger.requests.{name}",
             audit_queue=f"ledger.audit.{name}",  # the relay declares it: private, and deleted afterwards
+            webhook_queue=f"ledger.webhooks.{name}",  # private fan-out queue of the run's webhook workers
             log_level="WARNING",
         )
         migrate(test_settings)

@@ -40,21 +40,22 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 def private_queues(settings: Settings, suffix: str, **overrides: Any) -> Settings:
-    """`settings` with command queue, request exchange and request queue of their own (named `<name>.<suffix>`):
-    for a test's own worker or ingress, so `delete_queues` of it leaves the session's queues alone."""
+    """`settings` with command queue, request exchange, request queue and webhook queue of their own (named
+    `<name>.<suffix>`): for a test's own worker or ingress, so `delete_queues` of it leaves the session's alone."""
     return dataclasses.replace(
         settings,
         command_queue=f"{settings.command_queue}.{suffix}",
         request_exchange=f"{settings.request_exchange}.{suffix}",
         request_queue=f"{settings.request_queue}.{suffix}",
         audit_queue=f"{settings.audit_queue}.{suffix}",
+        webhook_queue=f"{settings.webhook_queue}.{suffix}",
         **overrides,
     )
 
 
 def delete_queues(settings: Settings) -> None:
     """Remove a test run's command queue, the delay, retry and dead-letter queues beside it, and the queue and
-    exchange of direct AMQP producers."""
+    exchange of direct AMQP producers, and the webhook fan-out queue."""
     import pika
 
     from core.adapters.rabbitmq.commands import retry_delays_ms, retry_queue
@@ -79,5 +80,7 @@ def delete_queues(settings: Settings) -> None:
         channel.queue_delete(settings.audit_queue)
         channel.queue_delete(f"{settings.audit_queue}.XQ")
         channel.exchange_delete(settings.request_exchange)
+        channel.queue_delete(settings.webhook_queue)
+        channel.queue_delete(f"{settings.webhook_queue}.XQ")
     finally:
         connection.close()

@@ -24,7 +24,7 @@ import structlog
 from pymongo.errors import BulkWriteError
 
 from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
-from core.adapters.rabbitmq.events import EVENTS_EXCHANGE
+from core.adapters.rabbitmq.events import EVENTS_EXCHANGE, POSITION_HEADER
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
 from core.bootstrap import audit_store
 from core.logs import configure_logging
@@ -42,6 +42,7 @@ GROUP_WAIT_S = 0.05
 
 def audit_record(delivery: Delivery) -> AuditRecord:
     """The record of one event message (`core/adapters/rabbitmq/events.py`); ValueError when it is none."""
+    position = (delivery.properties.headers or {}).get(POSITION_HEADER)
     try:
         event = json.loads(delivery.body)
         data = event["data"]
@@ -53,7 +54,7 @@ def audit_record(delivery: Delivery) -> AuditRecord:
             operation_id=data.get("operation_id"),
             idempotency_key=data.get("idempotency_key"),
             document=data,
-            position=event.get("position"),
+            position=position if isinstance(position, int) else None,
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an event: {exc}") from None

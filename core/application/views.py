@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from core.application.webhooks import StoredEvent, WebhookDelivery, WebhookEndpoint
 from core.domain.errors import LedgerError
 from core.domain.model import Account, Transaction
 
@@ -104,4 +105,59 @@ def transaction_json(tx: Transaction) -> dict[str, Any]:
             }
             for e in tx.entries
         ],
+    }
+
+
+def endpoint_json(endpoint: WebhookEndpoint, *, secret: str | None = None) -> dict[str, Any]:
+    """A webhook endpoint. The signing secret appears only in the answers that create or roll it."""
+    body: dict[str, Any] = {
+        "id": str(endpoint.id),
+        "object": "webhook_endpoint",
+        "url": endpoint.url,
+        "event_types": list(endpoint.event_types),
+        "description": endpoint.description,
+        "created_at": iso(endpoint.created_at),
+        "secret_rolled_at": iso(endpoint.secret_rolled_at),
+    }
+    if secret is not None:
+        body["secret"] = secret
+    return body
+
+
+def delivery_json(delivery: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "id": str(delivery.id),
+        "object": "webhook_delivery",
+        "endpoint_id": str(delivery.endpoint_id),
+        "event_id": str(delivery.event_id),
+        "event_type": delivery.event_type,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "next_attempt_at": iso(delivery.next_attempt_at),
+        "expires_at": iso(delivery.expires_at),
+        "last_status": delivery.last_status,
+        "last_error": delivery.last_error,
+        "created_at": iso(delivery.created_at),
+        "completed_at": iso(delivery.completed_at),
+        "attempt_history": [
+            {
+                "attempt": a.attempt,
+                "attempted_at": iso(a.attempted_at),
+                "status_code": a.status_code,
+                "latency_ms": a.latency_ms,
+                "error": a.error,
+            }
+            for a in delivery.history
+        ],
+    }
+
+
+def event_json(event: StoredEvent) -> dict[str, Any]:
+    """An event as `GET /v1/events` lists it: the same document a webhook delivery carries."""
+    return {
+        "id": str(event.id),
+        "type": event.type,
+        "tenant_id": event.tenant_id,
+        "occurred_at": iso(event.occurred_at),
+        "data": event.data,
     }

@@ -131,6 +131,35 @@ class OperationNotFound(LedgerError):
     code, title, status = "operation-not-found", "The operation does not exist", 404
 
 
+# --- webhooks ---------------------------------------------------------------------------------------------
+class WebhookUrlInvalid(LedgerError):
+    code, title, status = "webhook-url-invalid", "The webhook url is not an acceptable http(s) url", 422
+
+
+class WebhookUrlForbidden(LedgerError):
+    code, title, status = (
+        "webhook-url-forbidden",
+        "The webhook url points at an address that may not receive webhooks",
+        422,
+    )
+
+
+class WebhookEndpointNotFound(LedgerError):
+    code, title, status = "webhook-endpoint-not-found", "The webhook endpoint does not exist", 404
+
+
+class WebhookDeliveryNotFound(LedgerError):
+    code, title, status = "webhook-delivery-not-found", "The webhook delivery does not exist", 404
+
+
+class WebhookDeliveryPending(LedgerError):
+    code, title, status = (
+        "webhook-delivery-pending",
+        "The webhook delivery is still being attempted; only a finished one can be sent again",
+        409,
+    )
+
+
 # --- transport and infrastructure -------------------------------------------------------------------------
 class Unauthorized(LedgerError):
     code, title, status = "unauthorized", "A valid API key is required", 401

@@ -135,7 +135,8 @@ def test_relay_publishes_each_staged_event_once(
         assert m.properties.message_id == m.body["id"]
         assert m.properties.delivery_mode == 2
         assert m.properties.content_type == "application/json"
-        assert m.properties.headers == {"tenant_id": tenant}
+        assert set(m.properties.headers) == {"tenant_id", "x-outbox-position"}
+        assert m.properties.headers["tenant_id"] == tenant
         assert set(m.body) == {"id", "type", "tenant_id", "occurred_at", "data"}
         assert m.body["tenant_id"] == tenant
         datetime.fromisoformat(m.body["occurred_at"])
@@ -146,6 +147,9 @@ def test_relay_publishes_each_staged_event_once(
 
     rows = outbox_rows(db, tenant)
     assert {str(event_id) for event_id, _, _ in rows} == set(ids)
+    # Each message names its outbox position: the ledger's commit order, which replay follows.
+    by_position = sorted(messages, key=lambda m: m.properties.headers["x-outbox-position"])
+    assert [m.body["id"] for m in by_position] == [str(event_id) for event_id, _, _ in rows]
     assert all(published_at is not None for _, _, published_at in rows)
 
     # Published rows are never picked up again.

@@ -6,16 +6,12 @@ import hashlib
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from uuid import UUID
 
 import psycopg
-from psycopg import Connection
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
-from core.adapters.postgres.uow import PostgresOutbox
-from core.application.ports import Event, StoreUnavailable
+from core.application.ports import StoreUnavailable
 from core.domain.ids import new_id
 from core.domain.model import validate_tenant_id
 
@@ -45,27 +41,13 @@ def create_api_key(pool: ConnectionPool, tenant_id: str, *, name: str = "") -> t
             "INSERT INTO api_keys (id, tenant_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s, %s)",
             (key.id, tenant_id, name, secret[:VISIBLE_PREFIX_CHARS], hash_secret(secret)),
         )
-        _stage_admin_event(conn, "api_key.created", key, name=name, prefix=secret[:VISIBLE_PREFIX_CHARS])
     return key, secret
 
 
 def revoke_api_key(pool: ConnectionPool, key_id: UUID) -> bool:
     with pool.connection() as conn:
-        row = conn.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING tenant_id, prefix",
-            (key_id,),
-        ).fetchone()
-        if row is None:
-            return False
-        _stage_admin_event(conn, "api_key.revoked", ApiKey(key_id, row[0]), prefix=row[1])
-        return True
-
-
-def _stage_admin_event(conn: Connection[TupleRow], event_type: str, key: ApiKey, **details: str) -> None:
-    """An administrative action, committed with it through the outbox: the audit trail records it (never the
-    secret: its first characters at most, as listings show them)."""
-    payload = {"api_key": {"id": str(key.id), **details}}
-    PostgresOutbox(conn).stage([Event(event_type, key.tenant_id, payload, datetime.now(UTC))])
+        cur = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
+        return cur.rowcount == 1
 
 
 def find_api_key(pool: ConnectionPool, secret: str) -> ApiKey | None:

@@ -5,8 +5,8 @@ Events go to the durable topic exchange `ledger.events` with the event type as r
 `transaction.*` or `#`. Messages are persistent JSON; `message_id` is the event id, which consumers use to
 deduplicate: delivery is at-least-once (the outbox relay republishes a batch whose commit it never saw).
 
-The body is `{"id", "type", "tenant_id", "occurred_at", "data", "position"}` (`position`: the event's place in
-the outbox, the order in which the ledger committed); `tenant_id` is also a header so a
+The body is `{"id", "type", "tenant_id", "occurred_at", "data"}`; the header `x-outbox-position` holds the event's
+place in the outbox, the order in which the ledger committed; `tenant_id` is also a header so a
 headers-aware consumer can filter without parsing the body.
 """
 
@@ -27,6 +27,7 @@ from core.application.ports import Event
 from core.settings import Settings
 
 EVENTS_EXCHANGE = "ledger.events"
+POSITION_HEADER = "x-outbox-position"
 # Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
 DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 CONTENT_TYPE = "application/json"
@@ -60,19 +61,22 @@ def declare_subscriber_queue(channel: Any, queue: str, exchange: str = EVENTS_EX
 
 def event_body(event: Event) -> bytes:
     """The message body: the event as JSON."""
-    document: dict[str, Any] = {
+    document = {
         "id": str(event.id),
         "type": event.type,
         "tenant_id": event.tenant_id,
         "occurred_at": event.occurred_at.isoformat(),
         "data": event.payload,
     }
-    if event.position is not None:
-        document["position"] = event.position  # the outbox's order: the order the ledger committed in
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def event_properties(event: Event, *, app_id: str = "cleanledger") -> pika.BasicProperties:
+    headers: dict[str, Any] = {"tenant_id": event.tenant_id}
+    if event.position is not None:
+        # The ledger's commit order, for the audit trail's replay; a header, not in the body that webhooks
+        # forward, since it counts every tenant's events.
+        headers[POSITION_HEADER] = event.position
     return pika.BasicProperties(
         content_type=CONTENT_TYPE,
         content_encoding="utf-8",
@@ -81,7 +85,7 @@ def event_properties(event: Event, *, app_id: str = "cleanledger") -> pika.Basic
         type=event.type,
         timestamp=int(event.occurred_at.timestamp()),
         app_id=app_id,
-        headers={"tenant_id": event.tenant_id},
+        headers=headers,
     )
 
 
@@ -112,9 +116,9 @@ class EventPublisher:
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> Self:
-        """A publisher for `settings.amqp_url`, declaring the audit queue; `options` are the constructor's
-        keyword arguments."""
-        options.setdefault("subscriber_queues", [settings.audit_queue])
+        """A publisher for `settings.amqp_url`, declaring the audit and webhook queues; `options` are the
+        constructor's keyword arguments."""
+        options.setdefault("subscriber_queues", [settings.audit_queue, settings.webhook_queue])
         return cls(settings.amqp_url, **options)
 
     @property
