@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +21,15 @@ from core.bootstrap import LedgerService
 from core.settings import Settings
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    """Networks from a comma-separated list such as `127.0.0.1/32,::1/128`; a bare address is a network of one."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in spec.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"CLEANLEDGER_TRUSTED_PROXIES: {exc}") from None
 
 
 @dataclass
@@ -35,6 +45,11 @@ class Ingress:
     auth_limiter: TokenBucket = field(init=False)  # uncached API-key lookups per client address
     waiter: SettlementWaiter = field(init=False)
     revocations: RevocationListener = field(init=False)
+    # Parsed from settings.trusted_proxies once, so a malformed setting fails at start, not per request.
+    trusted_proxies: tuple[IPNetwork, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""
