@@ -36,6 +36,7 @@ log = structlog.get_logger("ingress")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM_JSON = "application/problem+json"
 TENANT = web.RequestKey("tenant", str)
+REQUEST_ID = web.RequestKey("request_id", str)
 # Most API keys an ingress process remembers at once (least recently used are dropped first).
 API_KEY_CACHE_SIZE = 10_000
 # Most unknown or revoked secrets it remembers, in their own LRU.
@@ -60,6 +61,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = supplied if REQUEST_ID_PATTERN.fullmatch(supplied) else uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id
@@ -158,6 +160,8 @@ async def answer_and_hang_up(request: web.Request, response: web.Response) -> we
     time (10 s) before closing, and log a broken body as an unhandled exception; and nothing more that
     arrives on this connection is worth reading."""
     response.force_close()  # `Connection: close`, so the client does not send its next request down it
+    if REQUEST_ID in request:  # sent now, before request_context would add it
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
     await response.prepare(request)
     await response.write_eof()
     request.protocol.force_close()  # closes the transport once the answer is flushed

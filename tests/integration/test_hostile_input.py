@@ -206,6 +206,8 @@ async def test_a_trickled_body_is_cut_off(aiohttp_client: ClientFactory, setting
     )
     assert response.status == 408, response.raw
     assert response.json()["code"] == "request-timeout"
+    assert response.headers["connection"] == "close"
+    assert response.headers["x-request-id"]
     assert asyncio.get_running_loop().time() - started < 5
 
 
@@ -229,3 +231,46 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
 def test_a_malformed_trusted_proxies_setting_fails_at_start(settings: Settings) -> None:
     with pytest.raises(ValueError, match="TRUSTED_PROXIES"):
         init_app(dataclasses.replace(settings, trusted_proxies="127.0.0.1/32,not-an-address"))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/accounts/{a}/entries?limit=" + "9" * 5000,
+        "/v1/accounts/{a}/entries?cursor=%00",
+        "/v1/accounts/{a}/entries?cursor=" + "A" * 5000,
+        "/v1/accounts/{a}/entries?since=%00",
+        "/v1/accounts/{a}/entries?since=2026-01-01T00:00:00%2B99:00",
+        "/v1/accounts/{a}/entries?limit=1&limit=2",
+        "/v1/accounts/%00",
+        "/v1/accounts/%ff%fe",
+        "/v1/operations/{a}%00",
+    ],
+)
+async def test_hostile_paths_and_queries_are_problems(api: TestClient[Any, Any], api_key: str, target: str) -> None:
+    response = await api.get(target.format(a=uuid.uuid4()), headers={"Authorization": f"Bearer {api_key}"})
+    status, code = await problem(response)
+    assert 400 <= status < 500, code
+
+
+@pytest.mark.parametrize(
+    "raw_body",
+    [
+        b'{"account_id": "%s", "amount": ' + b"9" * 5000 + b', "currency": "USD"}',
+        b'{"account_id": "%s", "amount": 5, "currency": "USD", "metadata": {"a": '
+        + b"[" * 20000
+        + b"]" * 20000
+        + b"}}",
+        b'{"account_id": "%s", "amount": 5, "currency": "USD", "metadata": {"a": 1e999999}}',
+        b'{"account_id": "%s", "amount": 5, "currency": "USD", "metadata": {"a": NaN}}',
+        b'{"account_id": "%s", "amount": 5, "currency": "USD", "metadata": {"\\ud800": "lone surrogate"}}',
+        b'{"account_id": "%s", "amount": 5, "currency": "USD\\u0000"}',
+        b'\xff\xfe{"account_id": "%s"}',
+    ],
+    ids=["huge-int", "deep-nesting", "huge-float", "nan", "lone-surrogate", "nul-currency", "not-utf8"],
+)
+async def test_hostile_bodies_are_problems(api: TestClient[Any, Any], api_key: str, raw_body: bytes) -> None:
+    h = auth(api_key, **{"Content-Type": "application/json"})
+    response = await api.post("/v1/credits", data=raw_body.replace(b"%s", str(uuid.uuid4()).encode()), headers=h)
+    status, code = await problem(response)
+    assert status in (400, 422), code
