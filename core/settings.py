@@ -27,6 +27,12 @@ class Settings:
     ingress_port: int = 8081
     ingress_db_threads: int = 8  # blocking PostgreSQL/RabbitMQ calls run on this many threads per process
     max_body_bytes: int = 64 * 1024  # larger request bodies get 413
+    # A body still arriving after this long gets 408, so a client trickling bytes cannot hold a request (and its
+    # memory) forever; seconds. nginx has its own, shorter per-read timeout in front.
+    body_read_timeout_s: float = 10.0
+    # Peers whose X-Forwarded-For is believed (their last hop is the client address): comma-separated networks.
+    # Any other peer is itself the client, whatever it sends. The default is the local nginx.
+    trusted_proxies: str = "127.0.0.1/32,::1/128"
     prefer_wait_max_s: int = 30  # cap of `Prefer: wait=N`, seconds
     rate_limit_burst: int = 200  # token-bucket capacity per API key, requests
     rate_limit_per_second: float = 100.0  # token refill per API key, requests per second

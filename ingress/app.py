@@ -21,7 +21,14 @@ from core.logs import configure_logging
 from core.settings import Settings
 from ingress.context import INGRESS, Ingress
 from ingress.health import Readiness
-from ingress.middleware import API_KEY_CACHE, ApiKeyCache, authenticate, problems, request_context
+from ingress.middleware import (
+    API_KEY_CACHE,
+    ApiKeyCache,
+    authenticate,
+    install_problem_error_handler,
+    problems,
+    request_context,
+)
 from ingress.routes import routes
 
 # Seconds a stopping node gives its slowest request beyond the longest `Prefer: wait`.
@@ -80,6 +87,7 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def init_app(settings: Settings) -> web.Application:
+    install_problem_error_handler()  # requests aiohttp itself refuses get problem documents too
     app = web.Application(
         middlewares=[request_context, problems, authenticate], client_max_size=settings.max_body_bytes
     )

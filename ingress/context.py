@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ from core.settings import Settings
 from ingress.health import Readiness
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(spec: str) -> tuple[IPNetwork, ...]:
+    """Networks from a comma-separated list such as `127.0.0.1/32,::1/128`; a bare address is a network of one."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip()) for part in spec.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"CLEANLEDGER_TRUSTED_PROXIES: {exc}") from None
 
 
 @dataclass
@@ -39,6 +49,11 @@ class Ingress:
     revocations: RevocationListener = field(init=False)
     readiness: Readiness = field(init=False)  # GET /readyz
     audit: AuditReader = field(init=False)  # GET /v1/operations/{id}/audit
+    # Parsed from settings.trusted_proxies once, so a malformed setting fails at start, not per request.
+    trusted_proxies: tuple[IPNetwork, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
         """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""

@@ -1,4 +1,5 @@
-"""Middlewares: request ids and access logs, problem+json for every error, API-key auth and rate limits."""
+"""Middlewares: request ids and access logs, problem+json for every error (aiohttp's own protocol errors
+included), API-key auth and rate limits."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from uuid import UUID
 
 import psycopg
 import structlog
-from aiohttp import web
+from aiohttp import web, web_protocol
+from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.typedefs import Handler
 
 from core.adapters.postgres.api_keys import ApiKey, find_api_key, hash_secret
@@ -23,15 +25,18 @@ from core.domain.errors import (
     PayloadTooLarge,
     RateLimited,
     RequestInvalid,
+    RequestTimeout,
     ServiceUnavailable,
     Unauthorized,
+    UnsupportedMediaType,
 )
-from ingress.context import INGRESS
+from ingress.context import INGRESS, IPNetwork
 
 log = structlog.get_logger("ingress")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM_JSON = "application/problem+json"
 TENANT = web.RequestKey("tenant", str)
+REQUEST_ID = web.RequestKey("request_id", str)
 # Most API keys an ingress process remembers at once (least recently used are dropped first).
 API_KEY_CACHE_SIZE = 10_000
 # Most unknown or revoked secrets it remembers, in their own LRU.
@@ -56,6 +61,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     request_id = supplied if REQUEST_ID_PATTERN.fullmatch(supplied) else uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id
@@ -77,7 +83,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except LedgerError as error:
         if error.status >= 500:
             log.warning("http.problem", code=error.code, detail=error.detail)
-        return problem_response(error, instance=request.path)
+        response = problem_response(error, instance=request.path)
+        if isinstance(error, RequestTimeout) or request.content.exception() is not None:
+            return await answer_and_hang_up(request, response)
+        return response
     except web.HTTPRequestEntityTooLarge:
         return problem_response(PayloadTooLarge(), instance=request.path)
     except web.HTTPNotFound:
@@ -100,6 +109,63 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except Exception:
         log.exception("http.unhandled")
         return problem_response(LedgerError("an unexpected error occurred"), instance=request.path)
+
+
+def _problem_for_unhandled(
+    self: web_protocol.RequestHandler,
+    request: web.BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """Stands in for aiohttp's RequestHandler.handle_error (see install_problem_error_handler).
+
+    It answers what fails before or around the middlewares: a request line or header aiohttp's parser refused
+    (400), a Content-Encoding it cannot decode, an exception that escaped every middleware (500). aiohttp's own
+    answer is text/plain and, for a parser error, repeats the offending line: a header line with a control
+    byte came back verbatim, `Authorization: Bearer <key>` included. This one is a fixed problem document
+    that echoes nothing of the request, and the log line names only the error's type.
+    """
+    if request.writer.output_size > 0:  # as aiohttp's: part of a response went out, the connection is broken
+        raise ConnectionError("the response was partly sent already, cannot send a problem document")
+    error: LedgerError
+    if status >= 500:
+        log.error("http.unhandled", status=status, exc_info=exc)
+        error = LedgerError("an unexpected error occurred")
+    elif isinstance(exc, ContentEncodingError):  # br or zstd: this ingress has no decoder for them
+        error = UnsupportedMediaType("Content-Encoding must be gzip, deflate or none")
+    else:
+        log.info("http.unparsable_request", status=status, error=type(exc).__name__)
+        error = RequestInvalid("the request is not valid HTTP/1.1 (request line or headers)")
+    response = problem_response(error)
+    response.set_status(error.status if error.status < 500 else status)
+    response.force_close()  # as aiohttp's: the parser state after an error is not to be trusted
+    return response
+
+
+def install_problem_error_handler() -> None:
+    """Make aiohttp's protocol-level errors problem+json too; once per process, repeating is harmless.
+
+    aiohttp (3.14) answers them from `web_protocol.RequestHandler.handle_error` before any middleware runs and
+    offers no hook for it (aio-libs/aiohttp#3287, #9882); the protocol class is built inside `web.Server`, so
+    the method is replaced on the class. Every aiohttp server in this process answers this way, which in the
+    ingress process (and the tests that run its app) is the point.
+    """
+    web_protocol.RequestHandler.handle_error = _problem_for_unhandled  # type: ignore[method-assign]
+
+
+async def answer_and_hang_up(request: web.Request, response: web.Response) -> web.Response:
+    """For a body that broke off (undecodable gzip) or stalls (a trickle): send the answer, then close the
+    connection at once. Left to itself aiohttp would go on reading the rest of the body for up to its lingering
+    time (10 s) before closing, and log a broken body as an unhandled exception; and nothing more that
+    arrives on this connection is worth reading."""
+    response.force_close()  # `Connection: close`, so the client does not send its next request down it
+    if REQUEST_ID in request:  # sent now, before request_context would add it
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()  # closes the transport once the answer is flushed
+    return response
 
 
 class ApiKeyCache:
@@ -164,23 +230,27 @@ API_KEY_CACHE = web.AppKey("api_key_cache", ApiKeyCache)
 
 
 def client_address(request: web.Request) -> str:
-    """The client's IP address. Behind the local nginx (a loopback peer) it is the last X-Forwarded-For hop,
-    the one nginx appended; any earlier hops came from the client and prove nothing."""
+    """The client's IP address: the direct peer, unless that peer is a trusted proxy (`trusted_proxies`, by
+    default the local nginx); then the last X-Forwarded-For hop, the one the proxy appended. Earlier hops came
+    from the client and prove nothing, and so does the header itself from any other peer."""
     peer = request.remote or "unknown"
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded and _is_loopback(peer):
+    forwarded = request.headers.getall("X-Forwarded-For", [])
+    if forwarded and _is_trusted_proxy(peer, request.app[INGRESS].trusted_proxies):
         try:
-            return str(ipaddress.ip_address(forwarded.rsplit(",", 1)[-1].strip()))
+            return str(ipaddress.ip_address(forwarded[-1].rsplit(",", 1)[-1].strip()))
         except ValueError:
             pass
     return peer
 
 
-def _is_loopback(address: str) -> bool:
+def _is_trusted_proxy(address: str, proxies: tuple[IPNetwork, ...]) -> bool:
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1 on a dual stack
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in proxies)
 
 
 @web.middleware
@@ -192,6 +262,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("send the API key as `Authorization: Bearer <key>`")
     secret = secret.strip()
+    if not (secret.isascii() and secret.isprintable()):
+        # Keys are printable ASCII. Header bytes that are not UTF-8 arrive as surrogate escapes, which
+        # hash_secret could not even encode: no key, and nothing worth a lookup.
+        raise Unauthorized("the API key is unknown or revoked")
     ingress = request.app[INGRESS]
     cache = request.app[API_KEY_CACHE]
     digest = hash_secret(secret)

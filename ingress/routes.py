@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 from uuid import UUID
@@ -28,10 +29,12 @@ from core.application.webhooks import EventFilter
 from core.domain.errors import (
     AccountNotFound,
     IdempotencyKeyInUse,
+    IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
     OperationNotFound,
     RequestInvalid,
+    RequestTimeout,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
@@ -52,7 +55,9 @@ log = structlog.get_logger("ingress")
 # Longest a publish (all of Dramatiq's connection attempts) plus its confirmation bookkeeping can take, in
 # seconds; an operation unconfirmed for longer than this has lost its publisher.
 PUBLISH_GRACE_S = 30.0
-PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+)", re.IGNORECASE)
+# Content-Encodings the ingress decodes (aiohttp does, as the body is read); any other is refused with 415.
+BODY_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -66,7 +71,12 @@ def path_uuid(request: web.Request, name: str) -> UUID:
 def prefer_wait(request: web.Request, cap_s: int) -> int | None:
     """Seconds asked for with `Prefer: wait=N` (RFC 7240), capped; None when not asked."""
     match = PREFER_WAIT.search(request.headers.get("Prefer", ""))
-    return min(int(match.group(1)), cap_s) if match else None
+    if match is None:
+        return None
+    digits = match.group(1).lstrip("0")
+    # Anything longer is past the cap anyway; and int() refuses strings over 4,300 digits (CPython's guard
+    # against quadratic parsing), which made `wait=` and a page of digits a 500.
+    return cap_s if len(digits) > 9 else min(int(digits or "0"), cap_s)
 
 
 async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
@@ -108,21 +118,37 @@ def operation_response(
     return response
 
 
-async def read_body(request: web.Request, model: type[Body]) -> Body:
+async def read_body(request: web.Request, model: type[Body], *, timeout_s: float) -> Body:
     if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
         raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
-    return parse_body(model, await request.read())
+    encodings = request.headers.getall("Content-Encoding", [])
+    if len(encodings) > 1 or (encodings and encodings[0].strip().lower() not in BODY_ENCODINGS):
+        # aiohttp passes a coding it does not know through undecoded; refuse it rather than parse the raw bytes.
+        raise UnsupportedMediaType("Content-Encoding must be gzip, deflate or none")
+    try:
+        async with asyncio.timeout(timeout_s):  # a body trickled in byte by byte must not hold the request
+            raw = await request.read()
+    except web.RequestPayloadError:  # gzip/deflate that does not decode, or a body cut short
+        raise RequestInvalid(
+            "the body could not be read: it does not match its Content-Encoding or was cut short"
+        ) from None
+    except TimeoutError:  # the answer hangs up (middleware `problems`), so the trickle ends there too
+        raise RequestTimeout(f"the body did not arrive within {timeout_s:g} s") from None
+    return parse_body(model, raw)
 
 
 async def submit(request: web.Request, model: type[Body]) -> web.Response:
     """Queue a command: validate, dedupe on the Idempotency-Key, publish with confirms, answer 202."""
     ingress = request.app[INGRESS]
     tenant_id = request[TENANT]
-    raw_key = request.headers.get("Idempotency-Key")
-    if raw_key is None:
+    raw_keys = request.headers.getall("Idempotency-Key", [])
+    if not raw_keys:
         raise IdempotencyKeyMissing()
-    key = validate_idempotency_key(raw_key)
-    command: Command = (await read_body(request, model)).to_command(tenant_id)
+    if len(raw_keys) > 1:  # which one would be the key? Neither: refuse rather than guess
+        raise IdempotencyKeyInvalid("send exactly one Idempotency-Key header")
+    key = validate_idempotency_key(raw_keys[0])
+    body = await read_body(request, model, timeout_s=ingress.settings.body_read_timeout_s)
+    command: Command = body.to_command(tenant_id)
     fingerprint = command.fingerprint()
     wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
 

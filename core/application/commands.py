@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from core.domain.errors import IdempotencyKeyInvalid, RequestInvalid, SameAccount, ValidationFailed
+from core.domain.errors import IdempotencyKeyInvalid, SameAccount, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
 from core.domain.money import Money, validate_currency
 
@@ -72,7 +72,7 @@ class CreateAccount(Command):
         validate_currency(self.currency)
         validate_metadata(self.metadata)
         if self.overdraft.limit is None:
-            raise RequestInvalid("customer accounts need an overdraft limit (0 for none)")
+            raise ValidationFailed("customer accounts need an overdraft limit (0 for none)")
 
 
 @dataclass(frozen=True, slots=True)

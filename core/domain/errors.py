@@ -177,6 +177,11 @@ class PayloadTooLarge(LedgerError):
     code, title, status = "payload-too-large", "The request body is too large", 413
 
 
+class RequestTimeout(LedgerError):
+    code, title, status = "request-timeout", "The request body did not arrive in time", 408
+    permanent = False
+
+
 class UnsupportedMediaType(LedgerError):
     code, title, status = "unsupported-media-type", "The request body must be application/json", 415
 

@@ -21,6 +21,7 @@ from core.domain.errors import (
     LedgerError,
     MetadataInvalid,
     RequestInvalid,
+    ValidationFailed,
 )
 from core.domain.money import MAX_BALANCE, validate_currency
 
@@ -66,7 +67,26 @@ def validate_metadata(metadata: object) -> dict[str, Any]:
         raise MetadataInvalid(f"metadata must be plain JSON: {exc}") from None
     if len(encoded.encode()) > MAX_METADATA_BYTES:
         raise MetadataInvalid(f"metadata must not exceed {MAX_METADATA_BYTES} bytes as JSON")
+    if _holds_nul(metadata):
+        # PostgreSQL refuses U+0000 in jsonb and text: caught here it is the client's 422, not a failed insert.
+        raise MetadataInvalid("metadata keys and strings must not contain the NUL character (U+0000)")
     return metadata
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether a NUL is in any key or string of a JSON value, however deeply nested (walked without recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +100,8 @@ class OverdraftPolicy:
 
     def __post_init__(self) -> None:
         if self.limit is not None and (type(self.limit) is not int or not 0 <= self.limit <= MAX_BALANCE):
-            raise RequestInvalid(f"overdraft limit must be an integer between 0 and {MAX_BALANCE}")
+            # A body field out of range, like an amount or a currency: 422, whatever transport carried it.
+            raise ValidationFailed(f"overdraft limit must be an integer between 0 and {MAX_BALANCE}")
 
     @property
     def debits_must_not_exceed_credits(self) -> bool:

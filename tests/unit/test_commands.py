@@ -23,8 +23,9 @@ from core.domain.model import OverdraftPolicy
 from core.domain.money import MAX_POSTING_AMOUNT, Money
 
 uuids = st.uuids()
+no_nul = st.characters(exclude_characters="\x00")  # PostgreSQL stores no U+0000: metadata refuses it
 metadata = st.dictionaries(
-    st.text(max_size=10), st.one_of(st.integers(), st.text(max_size=20), st.booleans()), max_size=5
+    st.text(no_nul, max_size=10), st.one_of(st.integers(), st.text(no_nul, max_size=20), st.booleans()), max_size=5
 )
 
 
@@ -94,6 +95,19 @@ def test_metadata_is_capped() -> None:
         Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {str(i): i for i in range(51)})
     with pytest.raises(MetadataInvalid):
         Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {"f": float("nan")})
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"k": "a\x00b"}, {"a\x00": 1}, {"deep": [{"x": ["ok", {"y\x00z": None}]}]}, {"list": [1, "\x00"]}],
+)
+def test_metadata_refuses_the_nul_character_anywhere(meta: dict[str, object]) -> None:
+    with pytest.raises(MetadataInvalid, match="NUL"):
+        Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), meta)
+    with pytest.raises(MetadataInvalid):
+        CreateAccount("acme", "USD", metadata=meta)
+    # A backslash followed by "u0000" is ordinary text, not a NUL.
+    assert Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {"k": "\\u0000"}).metadata == {"k": "\\u0000"}
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 256, "caf\u00e9", None])

@@ -6,6 +6,10 @@ single immediate retry (enough to replace a pooled connection the server closed)
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -49,3 +53,17 @@ def sync_client(url: str) -> redis.Redis:
 def describe(error: BaseException) -> str:
     """For logs: redis-py's own repr() of its errors drops the message."""
     return f"{type(error).__name__}: {error}"
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel pub/sub reader tasks and wait until they have ended.
+
+    Cancelling once is not enough: a cancellation that lands while redis-py's `get_message(timeout=...)` is
+    timing out its read can be swallowed, and the reader then runs on (seen as an app shutdown hanging until
+    some message or reconnection happened to end the read). So cancel again until every task is done.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)

@@ -18,7 +18,7 @@ import structlog
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.adapters.redis.client import REDIS_ERRORS, describe, sync_client
+from core.adapters.redis.client import REDIS_ERRORS, cancel_and_wait, describe, sync_client
 from core.adapters.redis.keys import API_KEY_REVOKED_CHANNEL
 
 log = structlog.get_logger(__name__)
@@ -66,9 +66,7 @@ class RevocationListener:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
 
     async def _run(self) -> None:
         delay = self._reconnect_initial_s

@@ -26,7 +26,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.adapters.redis.client import REDIS_ERRORS, describe
+from core.adapters.redis.client import REDIS_ERRORS, cancel_and_wait, describe
 from core.adapters.redis.keys import settled_channel
 
 log = structlog.get_logger(__name__)
@@ -92,10 +92,7 @@ class SettlementWaiter:
         """Stop the reader and drop the connection; waits still in progress fall back to polling."""
         tasks = [t for t in (self._reader, *self._tasks) if t is not None]
         self._reader = None
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await cancel_and_wait(tasks)
         pubsub = self._pubsub
         if pubsub is not None:
             self._lost(pubsub)
