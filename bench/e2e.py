@@ -3,6 +3,7 @@ in flight, against the plain-SQL baseline measured with as many clients in the s
 
     .venv/bin/python bench/e2e.py [--in-flight 64] [--seconds 20] [--accounts 10000]
                                   [--cases uniform,hot-credit] [--modes wait,accept] [--drain-seconds 60]
+                                  [--compare-without audit,mongo,webhooks]
 
 1. Baseline first (bench/baseline.py): the plain-SQL `post_transfer` driven by pgbench with `--in-flight` clients,
    uniform and hot, for `--seconds` each.
@@ -26,6 +27,16 @@ in flight, against the plain-SQL baseline measured with as many clients in the s
    process) and machine (all CPU the machine spent; machine minus the rest is whatever else ran).
 5. Checks: every phase's accepted == settled == its rows in the database, none pending; `cleanledger verify`
    exits 0. Ratios: settled/s of each phase over the plain-SQL baseline (uniform for uniform, hot otherwise).
+6. `--compare-without PROCESSES` (Procfile names, comma-separated): the price of those processes, measured in
+   the same run. The run's tenant is `bench-<hex>` (MongoDB's var/mongo outlives runs), the webhook allow-list
+   admits 127.0.0.0/8, and a receiver (aiohttp in a child process on 127.0.0.1, answers 200, counts deliveries)
+   gets one endpoint subscribed to `*`, registered after the accounts are funded. Each part runs an unmeasured
+   warm-up, then every case and mode; after each phase the script waits (up to `--drain-seconds`, CPU metered
+   as the phase's catch-up) until the audit trail and the webhook deliveries have caught up with the outbox.
+   After the "on" part (everything running) the audit trail must hold every outbox event of the tenant (a drain
+   of up to 60 s) and the receiver every delivery; then the stack is stopped, started again from the Procfile
+   minus PROCESSES on the same database, queues and accounts, and the phases run again. Ratios: settled/s on /
+   settled/s without, per case and mode; CPU ms per settled operation per process kind for both parts.
 Everything is stopped (SIGTERM to each process group, SIGKILL after 10 s), the queues and the database dropped,
 in a finally block. Results go to bench/results/e2e-<UTC>.json.
 """
@@ -35,7 +46,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -50,11 +63,15 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psycopg
+import pymongo
+from aiohttp import web
+from pymongo.errors import PyMongoError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -81,10 +98,17 @@ CASES = ("uniform", "hot-credit", "hot-transfer")
 MODES = ("wait", "accept")
 NGINX_PORT = 8080
 INGRESS_PORTS = (8081, 8082, 8083)
+MONGO_PORT = 27017  # the Procfile's SecantusDB
 API = f"http://127.0.0.1:{NGINX_PORT}"
 OPENING_CREDIT = 10**9  # cents per account; the load moves 1..1000 per request
 WAIT_S = 10  # Prefer: wait=N of the `wait` mode
 STOP_GRACE_S = 10.0
+# --compare-without: the longest wait for the audit trail after the "on" part, the unmeasured warm-up of each
+# part, the networks webhooks may reach (the receiver is on loopback) and the processes the load goes through.
+AUDIT_DRAIN_S = 60.0
+WARM_UP_S = 2
+WEBHOOK_ALLOWED_NETWORKS = "127.0.0.0/8"
+LOAD_PATH_KINDS = ("nginx", "ingress")
 LOG_PROBLEM = re.compile(r'"level":\s*"(warning|error|critical)"|Traceback|\[(warn|error|crit|alert|emerg)\]', re.I)
 
 
@@ -124,10 +148,15 @@ def kind_of(name: str) -> str:
 class Stack:
     env: dict[str, str]
     log_dir: Path
+    exclude: frozenset[str] = frozenset()  # Procfile names not started
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    exit_codes: dict[str, int | None] | None = None  # once stopped
 
     def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         for name, command in procfile():
+            if name in self.exclude:
+                continue
             log = (self.log_dir / f"{name}.log").open("wb")
             self.processes[name] = subprocess.Popen(
                 ["bash", "-c", command],
@@ -139,9 +168,9 @@ class Stack:
             )
             log.close()
 
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
+    def wait_ready(self, timeout_s: float = 60.0, extra_ports: tuple[int, ...] = ()) -> None:
         deadline = time.monotonic() + timeout_s
-        for port in (*INGRESS_PORTS, NGINX_PORT):
+        for port in (*INGRESS_PORTS, NGINX_PORT, *extra_ports):
             while not port_answers(port):
                 self.check_alive()
                 if time.monotonic() > deadline:
@@ -165,8 +194,14 @@ class Stack:
             kinds.setdefault(kind_of(name), []).append(process.pid)
         return kinds
 
+    def runs(self, kind: str) -> bool:
+        return any(kind_of(name) == kind for name in self.processes)
+
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM to every process group, SIGKILL to those still there after STOP_GRACE_S; exit codes."""
+        """SIGTERM to every process group, SIGKILL to those still there after STOP_GRACE_S; exit codes. Once:
+        a second call answers the same codes (the groups' ids may belong to other processes by then)."""
+        if self.exit_codes is not None:
+            return self.exit_codes
         for process in self.processes.values():
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -183,6 +218,7 @@ class Stack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(5)
             codes[name] = process.returncode
+        self.exit_codes = codes
         return codes
 
     def log_problems(self) -> dict[str, dict[str, Any]]:
@@ -215,7 +251,15 @@ def delete_queues(amqp_url: str, queue: str) -> list[str]:
     """The private command queue and every queue beside it (at least Dramatiq's delay and dead-letter queues)."""
     import pika
 
-    names = sorted({queue, f"{queue}.DQ", f"{queue}.XQ", f"{queue}.webhooks", *queues_beside(queue)})
+    names = sorted(
+        {
+            queue,
+            f"{queue}.DQ",
+            f"{queue}.XQ",
+            *(f"{queue}.{subscriber}{dead}" for subscriber in ("webhooks", "audit") for dead in ("", ".XQ")),
+            *queues_beside(queue),
+        }
+    )
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
     try:
         channel = connection.channel()
@@ -245,7 +289,7 @@ def forget_redis_copies(redis_url: str, db_url: str) -> int:
         client.close()
 
 
-def stack_env(db_url: str, queue: str) -> dict[str, str]:
+def stack_env(db_url: str, queue: str, *, loopback_webhooks: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANLEDGER_")}
     env.update(
         {
@@ -253,12 +297,46 @@ def stack_env(db_url: str, queue: str) -> dict[str, str]:
             "CLEANLEDGER_DATABASE_URL": db_url,
             "CLEANLEDGER_COMMAND_QUEUE": queue,
             "CLEANLEDGER_WEBHOOK_QUEUE": f"{queue}.webhooks",  # the Procfile's webhook worker: private, deleted after
+            # The audit consumer's: private too, so it reads this run's events only (not the backlog other runs
+            # left in the shared `ledger.audit`) and the ones it leaves are deleted with the run.
+            "CLEANLEDGER_AUDIT_QUEUE": f"{queue}.audit",
             "CLEANLEDGER_LOG_LEVEL": "WARNING",
             "CLEANLEDGER_RATE_LIMIT_BURST": str(10**9),
             "CLEANLEDGER_RATE_LIMIT_PER_SECOND": str(10**9),
         }
     )
+    if loopback_webhooks:
+        env["CLEANLEDGER_WEBHOOK_ALLOWED_NETWORKS"] = WEBHOOK_ALLOWED_NETWORKS
     return env
+
+
+def wait_ports_free(ports: tuple[int, ...], timeout_s: float = 15.0) -> None:
+    """Until nothing answers on any of `ports` (a stopped stack's sockets are gone)."""
+    deadline = time.monotonic() + timeout_s
+    while busy := [port for port in ports if port_answers(port)]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"127.0.0.1 ports {busy} still answer {timeout_s:.0f} s after the stack stopped")
+        time.sleep(0.2)
+
+
+def queue_depth(amqp_url: str, name: str) -> int | None:
+    """Messages ready in a queue (None: no such queue, or RabbitMQ could not be asked)."""
+    import pika
+    import pika.exceptions
+
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except pika.exceptions.AMQPError:
+        return None
+    try:
+        declared = connection.channel().queue_declare(name, passive=True)
+        return int(declared.method.message_count)
+    except pika.exceptions.AMQPError:
+        return None
+    finally:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            if connection.is_open:
+                connection.close()
 
 
 def cleanledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -405,17 +483,17 @@ class DbView:
     settle_p99_ms: float | None
 
 
-def db_view(conn: psycopg.Connection[Any], prefix: str) -> DbView:
-    row = conn.execute(PHASE_SQL, (TENANT, prefix)).fetchone()
+def db_view(conn: psycopg.Connection[Any], prefix: str, tenant: str = TENANT) -> DbView:
+    row = conn.execute(PHASE_SQL, (tenant, prefix)).fetchone()
     assert row is not None
     return DbView(*row)
 
 
-def drain(conn: psycopg.Connection[Any], prefix: str, timeout_s: float) -> tuple[DbView, float]:
+def drain(conn: psycopg.Connection[Any], prefix: str, timeout_s: float, tenant: str = TENANT) -> tuple[DbView, float]:
     """Wait until no operation of the phase is pending (or `timeout_s` passed); the view and the seconds waited."""
     started = time.perf_counter()
     while True:
-        view = db_view(conn, prefix)
+        view = db_view(conn, prefix, tenant)
         waited = time.perf_counter() - started
         if view.pending == 0 or waited > timeout_s:
             return view, waited
@@ -452,6 +530,15 @@ class Phase:
         return self.pending_after_drain == 0 and self.accepted == self.settled == self.db_rows
 
 
+def phase_kinds(stack: Stack, extra: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """The process-tree roots of each kind the phases meter: the stack's, the servers' and `extra`."""
+    kinds = stack.roots()
+    kinds.update({"postgres": server_roots("postgres"), "rabbitmq": server_roots("beam.smp")})
+    kinds["redis"] = server_roots("redis-server")
+    kinds.update(extra or {})
+    return kinds
+
+
 async def run_phase(
     session: aiohttp.ClientSession,
     conn: psycopg.Connection[Any],
@@ -464,19 +551,19 @@ async def run_phase(
     seconds: int,
     drain_s: float,
     db_url: str,
+    tenant: str = TENANT,
+    extra_kinds: dict[str, list[int]] | None = None,
 ) -> Phase:
     """One measured phase. The blocking calls (checkpoint, /proc, the drain's queries) run while no request is
     in flight."""
     prefix = f"{case}-{mode}-{uuid.uuid4().hex[:8]}-"
-    kinds = stack.roots()
-    kinds.update({"postgres": server_roots("postgres"), "rabbitmq": server_roots("beam.smp")})
-    kinds["redis"] = server_roots("redis-server")
+    kinds = phase_kinds(stack, extra_kinds)
     checkpoint(db_url)
     meter = CpuMeter(kinds)
     meter.start()
     started_epoch = time.time()
     load = await generate(session, case, ids, prefix=prefix, wait=mode == "wait", in_flight=in_flight, seconds=seconds)
-    view, drained = drain(conn, prefix, drain_s)
+    view, drained = drain(conn, prefix, drain_s, tenant)
     seconds_used = meter.stop()
     stack.check_alive()
     settled = view.succeeded + view.failed
@@ -508,16 +595,19 @@ async def run_phase(
     )
 
 
+def api_session(secret: str, in_flight: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=in_flight),
+        headers={"Authorization": f"Bearer {secret}"},
+        timeout=aiohttp.ClientTimeout(total=WAIT_S + 50),
+    )
+
+
 async def measure(
     stack: Stack, secret: str, *, db_url: str, args: argparse.Namespace, cases: list[str], modes: list[str]
 ) -> tuple[float, list[Phase]]:
     """Open and fund the accounts through the API, then run every phase; the setup seconds and the phases."""
-    connector = aiohttp.TCPConnector(limit=args.in_flight)
-    async with aiohttp.ClientSession(
-        connector=connector,
-        headers={"Authorization": f"Bearer {secret}"},
-        timeout=aiohttp.ClientTimeout(total=WAIT_S + 50),
-    ) as session:
+    async with api_session(secret, args.in_flight) as session:
         setup_started = time.perf_counter()
         ids = await open_accounts(session, args.accounts, args.in_flight)
         setup_s = time.perf_counter() - setup_started
@@ -563,6 +653,467 @@ def show(phase: Phase) -> None:
     print(f"    CPU ms per settled operation: {cpu}")
 
 
+# --- --compare-without: the webhook receiver, the work behind the outbox, the two parts ----------------------
+def serve_receiver(port: Any, requests: Any, distinct: Any, ready: Any) -> None:
+    """The receiver's process: aiohttp on a free port of 127.0.0.1 (written to `port`); every POST /hooks is
+    answered 200 and counted in `requests`, its Cleanledger-Delivery id (the same on a retry) in `distinct`."""
+    seen: set[str] = set()
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        requests.value += 1
+        delivery = request.headers.get("Cleanledger-Delivery", "")
+        if delivery not in seen:
+            seen.add(delivery)
+            distinct.value += 1
+        return web.Response(status=200)
+
+    async def serve() -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        port.value = sock.getsockname()[1]
+        ready.set()
+        await asyncio.Event().wait()  # until terminated
+
+    asyncio.run(serve())
+
+
+@dataclass
+class Receiver:
+    """The webhook receiver in a child process of its own: its CPU is reported apart (`receiver`), and it
+    takes no time from the load generator's event loop."""
+
+    process: BaseProcess
+    port: int
+    requests: ctypes.c_int64
+    distinct: ctypes.c_int64
+
+    @classmethod
+    def start(cls) -> Receiver:
+        context = multiprocessing.get_context("spawn")
+        port, requests, distinct = (context.RawValue(ctypes.c_int64, 0) for _ in range(3))
+        ready = context.Event()
+        process = context.Process(
+            target=serve_receiver, args=(port, requests, distinct, ready), name="webhook-receiver", daemon=True
+        )
+        process.start()
+        deadline = time.monotonic() + 30
+        while not ready.wait(0.2):
+            if not process.is_alive() or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"the webhook receiver did not start (exit code {process.exitcode})")
+        return cls(process, int(port.value), requests, distinct)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks"
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def counts(self) -> tuple[int, int]:
+        """POSTs received, and different deliveries among them."""
+        return int(self.requests.value), int(self.distinct.value)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+
+
+OUTBOX_OF_TENANT = "SELECT count(*), coalesce(max(position), 0) FROM outbox WHERE tenant_id = %s"
+UNPUBLISHED_OF_TENANT = "SELECT count(*) FROM outbox WHERE published_at IS NULL AND tenant_id = %s"
+OUTBOX_SINCE = "SELECT count(*) FROM outbox WHERE tenant_id = %s AND position > %s"
+DELIVERIES_OF_ENDPOINT = """
+SELECT count(*),
+       count(*) FILTER (WHERE status = 'pending'),
+       count(*) FILTER (WHERE status = 'succeeded'),
+       count(*) FILTER (WHERE status = 'failed')
+FROM webhook_deliveries WHERE endpoint_id = %s
+"""
+
+
+@dataclass
+class Background:
+    """The work a posting leaves behind in the outbox for the audit consumer and the webhook worker, for the run's
+    tenant, and how far they got: the outbox and the deliveries (PostgreSQL), the audit trail (MongoDB, the
+    `audit` collection), the receiver's counts."""
+
+    conn: psycopg.Connection[Any]
+    tenant: str
+    mongo_url: str
+    receiver: Receiver
+    audit: bool  # the stack runs the audit consumer and MongoDB: the trail must catch up
+    webhooks: bool  # the stack runs the webhook worker: the deliveries must catch up
+    endpoint_id: str | None = None
+    registered_after: int = 0  # the tenant's last outbox position when the endpoint was registered
+    mongo: pymongo.MongoClient[dict[str, Any]] | None = None
+
+    def last_position(self) -> int:
+        row = self.conn.execute(OUTBOX_OF_TENANT, (self.tenant,)).fetchone()
+        assert row is not None
+        return int(row[1])
+
+    def audit_documents(self) -> int | None:
+        """The tenant's documents in the audit trail (None: MongoDB did not answer)."""
+        if self.mongo is None:
+            self.mongo = pymongo.MongoClient(self.mongo_url, serverSelectionTimeoutMS=2000, connectTimeoutMS=2000)
+        try:
+            collection = self.mongo.get_default_database("cleanledger")["audit"]
+            return int(collection.count_documents({"tenant_id": self.tenant}))
+        except PyMongoError:
+            return None
+
+    def reading(self) -> dict[str, int | None]:
+        row = self.conn.execute(OUTBOX_OF_TENANT, (self.tenant,)).fetchone()
+        unpublished = self.conn.execute(UNPUBLISHED_OF_TENANT, (self.tenant,)).fetchone()
+        assert row is not None
+        assert unpublished is not None
+        deliveries: tuple[Any, ...] = (0, 0, 0, 0)
+        since = 0
+        if self.endpoint_id is not None:
+            deliveries = self.conn.execute(DELIVERIES_OF_ENDPOINT, (self.endpoint_id,)).fetchone() or deliveries
+            since_row = self.conn.execute(OUTBOX_SINCE, (self.tenant, self.registered_after)).fetchone()
+            since = int(since_row[0]) if since_row else 0
+        received, distinct = self.receiver.counts()
+        return {
+            "outbox_events": int(row[0]),
+            "outbox_unpublished": int(unpublished[0]),
+            "audit_documents": self.audit_documents() if self.audit else None,
+            "events_since_registration": since,
+            "delivery_rows": int(deliveries[0]),
+            "deliveries_pending": int(deliveries[1]),
+            "deliveries_succeeded": int(deliveries[2]),
+            "deliveries_failed": int(deliveries[3]),
+            "received": received,
+            "received_distinct": distinct,
+        }
+
+    def owed(self, reading: dict[str, int | None]) -> dict[str, int]:
+        """What is still to be done: events not yet published, not yet in the trail, without a delivery yet,
+        deliveries not yet made."""
+        owed = {"unpublished": int(reading["outbox_unpublished"] or 0)}
+        if self.audit:
+            owed["audit"] = int(reading["outbox_events"] or 0) - int(reading["audit_documents"] or 0)
+        if self.webhooks and self.endpoint_id is not None:
+            owed["fan_out"] = int(reading["events_since_registration"] or 0) - int(reading["delivery_rows"] or 0)
+            owed["deliveries"] = int(reading["deliveries_pending"] or 0)
+        return owed
+
+    def settle(self, timeout_s: float) -> tuple[float, dict[str, int], dict[str, int | None]]:
+        """Wait until nothing is owed (or `timeout_s` passed); the seconds waited, what is still owed, the reading."""
+        started = time.perf_counter()
+        while True:
+            reading = self.reading()
+            owed = self.owed(reading)
+            waited = time.perf_counter() - started
+            if not any(n > 0 for n in owed.values()) or waited > timeout_s:
+                return waited, owed, reading
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        if self.mongo is not None:
+            self.mongo.close()
+
+
+def gained(before: dict[str, int | None], after: dict[str, int | None], key: str) -> int | None:
+    """How much a reading's `key` grew (None: not read at one end)."""
+    old, new = before[key], after[key]
+    return None if old is None or new is None else new - old
+
+
+@dataclass
+class PhaseBackground:
+    """One phase's audit and webhook work: during the phase (load and drain) and in the catch-up after it, until
+    the trail and the deliveries had caught up with the outbox (or `--drain-seconds` passed)."""
+
+    part: str
+    case: str
+    mode: str
+    events: int  # outbox events of the tenant staged from the phase's start to the end of its catch-up
+    delivered_during: int  # different deliveries the receiver got during the phase
+    delivered_after: int  # ... during the catch-up
+    received_twice: int  # deliveries the receiver got again (retries), during and after
+    audited_during: int | None  # documents the audit trail gained during the phase (None: not measured)
+    audited_after: int | None
+    catch_up_seconds: float
+    owed_after_catch_up: dict[str, int]
+    cpu_seconds_catch_up: dict[str, float]
+    cpu_ms_per_settled_with_catch_up: dict[str, float | None]  # (phase + catch-up CPU) / settled
+
+
+@dataclass
+class Comparison:
+    """`--compare-without`: the run's tenant, the receiver, and what each part ("on", "without") found."""
+
+    without: list[str]
+    tenant: str
+    receiver: Receiver
+    mongo_url: str
+    amqp_url: str
+    webhook_queue: str
+    audit_queue: str
+    endpoint_id: str | None = None
+    registered_after: int = 0
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backgrounds: list[PhaseBackground] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+async def register_endpoint(session: aiohttp.ClientSession, url: str) -> str:
+    """POST /v1/webhook-endpoints for `url`, every event type; the endpoint's id (its secret is not kept)."""
+    body = {"url": url, "event_types": ["*"], "description": "bench/e2e.py receiver"}
+    async with session.post(f"{API}/v1/webhook-endpoints", json=body) as response:
+        doc: dict[str, Any] = await response.json(content_type=None)
+        if response.status != 201:
+            raise RuntimeError(f"POST /v1/webhook-endpoints answered {response.status}: {doc}")
+        return str(doc["id"])
+
+
+def wait_queue_empty(amqp_url: str, name: str, timeout_s: float) -> float:
+    """Until `name` holds no ready message (or `timeout_s` passed); the seconds waited."""
+    started = time.perf_counter()
+    while (queue_depth(amqp_url, name) or 0) > 0 and time.perf_counter() - started < timeout_s:
+        time.sleep(0.25)
+    return time.perf_counter() - started
+
+
+async def warm_up(
+    session: aiohttp.ClientSession,
+    conn: psycopg.Connection[Any],
+    *,
+    case: str,
+    ids: list[str],
+    in_flight: int,
+    drain_s: float,
+    tenant: str,
+) -> dict[str, Any]:
+    """WARM_UP_S of unmeasured `wait` load, then its drain: a freshly started stack opens its pools and caches
+    here, not in the first measured phase."""
+    prefix = f"warm-up-{uuid.uuid4().hex[:8]}-"
+    load = await generate(session, case, ids, prefix=prefix, wait=True, in_flight=in_flight, seconds=WARM_UP_S)
+    view, _ = drain(conn, prefix, drain_s, tenant)
+    return {"case": case, "seconds": WARM_UP_S, "accepted": load.accepted, "pending_after": view.pending}
+
+
+async def measure_part(
+    part: str,
+    stack: Stack,
+    secret: str,
+    comparison: Comparison,
+    *,
+    ids: list[str] | None,
+    db_url: str,
+    args: argparse.Namespace,
+    cases: list[str],
+    modes: list[str],
+) -> tuple[list[str], list[Phase]]:
+    """One part of the comparison: with `ids` None ("on"), open and fund the accounts and register the webhook
+    endpoint first; then a warm-up and every phase, each followed by its catch-up. The accounts and the phases."""
+    record = comparison.parts.setdefault(part, {})
+    record["processes"] = sorted(stack.processes)
+    extra = {"receiver": [comparison.receiver.pid]}
+    async with api_session(secret, args.in_flight) as session:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            background = Background(
+                conn,
+                comparison.tenant,
+                comparison.mongo_url,
+                comparison.receiver,
+                audit=stack.runs("audit") and stack.runs("mongo"),
+                webhooks=stack.runs("webhooks"),
+                endpoint_id=comparison.endpoint_id,
+                registered_after=comparison.registered_after,
+            )
+            try:
+                if ids is None:
+                    setup_started = time.perf_counter()
+                    ids = await open_accounts(session, args.accounts, args.in_flight)
+                    record["setup_seconds"] = setup_s = time.perf_counter() - setup_started
+                    print(f"{args.accounts:,} accounts opened and funded through the API in {setup_s:.1f} s")
+                    # The setup's events through the trail and the webhook queue before the endpoint exists: none of
+                    # them is delivered, and every event after it is.
+                    waited, owed, _ = background.settle(args.drain_seconds)
+                    if stack.runs("webhooks"):
+                        waited += wait_queue_empty(comparison.amqp_url, comparison.webhook_queue, args.drain_seconds)
+                        time.sleep(1.0)  # the fan-out's batch in hand, if any
+                    record["setup_catch_up"] = {"seconds": waited, "owed": owed}
+                    comparison.endpoint_id = background.endpoint_id = await register_endpoint(
+                        session, comparison.receiver.url
+                    )
+                    comparison.registered_after = background.registered_after = background.last_position()
+                    print(f"webhook endpoint {comparison.endpoint_id} -> {comparison.receiver.url}, every event type")
+                record["warm_up"] = await warm_up(
+                    session,
+                    conn,
+                    case=cases[0],
+                    ids=ids,
+                    in_flight=args.in_flight,
+                    drain_s=args.drain_seconds,
+                    tenant=comparison.tenant,
+                )
+                waited, owed, _ = background.settle(args.drain_seconds)
+                record["before_phases"] = {"catch_up_seconds": waited, "owed": owed}
+                phases: list[Phase] = []
+                for case in cases:
+                    for mode in modes:
+                        before = background.reading()
+                        phase = await run_phase(
+                            session,
+                            conn,
+                            stack,
+                            case=case,
+                            mode=mode,
+                            ids=ids,
+                            in_flight=args.in_flight,
+                            seconds=args.seconds,
+                            drain_s=args.drain_seconds,
+                            db_url=db_url,
+                            tenant=comparison.tenant,
+                            extra_kinds=extra,
+                        )
+                        during = background.reading()
+                        meter = CpuMeter(phase_kinds(stack, extra))
+                        meter.start()
+                        waited, owed, after = background.settle(args.drain_seconds)
+                        catch_up = {("loadgen" if k == "self" else k): v for k, v in meter.stop().items()}
+                        stack.check_alive()
+                        settled = phase.settled
+                        with_catch_up = {
+                            k: (1000 * (v + catch_up.get(k, 0.0)) / settled if settled else None)
+                            for k, v in phase.cpu_seconds.items()
+                        }
+                        found = PhaseBackground(
+                            part=part,
+                            case=case,
+                            mode=mode,
+                            events=gained(before, after, "outbox_events") or 0,
+                            delivered_during=gained(before, during, "received_distinct") or 0,
+                            delivered_after=gained(during, after, "received_distinct") or 0,
+                            received_twice=(gained(before, after, "received") or 0)
+                            - (gained(before, after, "received_distinct") or 0),
+                            audited_during=gained(before, during, "audit_documents"),
+                            audited_after=gained(during, after, "audit_documents"),
+                            catch_up_seconds=waited,
+                            owed_after_catch_up=owed,
+                            cpu_seconds_catch_up=catch_up,
+                            cpu_ms_per_settled_with_catch_up=with_catch_up,
+                        )
+                        show(phase)
+                        show_background(found)
+                        phases.append(phase)
+                        comparison.backgrounds.append(found)
+                if part == "on":
+                    check_trail(comparison, background)
+                record["queues_at_end"] = {
+                    name: queue_depth(comparison.amqp_url, name)
+                    for name in (comparison.audit_queue, comparison.webhook_queue)
+                }
+            finally:
+                background.close()
+    return ids, phases
+
+
+def check_trail(comparison: Comparison, background: Background) -> None:
+    """After the "on" part: the audit trail holds every outbox event of the tenant (waiting up to AUDIT_DRAIN_S),
+    and the receiver got every event since the endpoint was registered."""
+    waited, _, reading = background.settle(AUDIT_DRAIN_S)
+    if background.audit:
+        comparison.checks["audit_trail"] = {
+            "tenant": comparison.tenant,
+            "outbox_events": reading["outbox_events"],
+            "audit_documents": reading["audit_documents"],
+            "waited_s": waited,
+            "complete": reading["audit_documents"] == reading["outbox_events"],
+        }
+    if background.webhooks:
+        since = reading["events_since_registration"]
+        comparison.checks["webhooks"] = {
+            "events_since_registration": since,
+            "delivery_rows": reading["delivery_rows"],
+            "deliveries_succeeded": reading["deliveries_succeeded"],
+            "deliveries_pending": reading["deliveries_pending"],
+            "deliveries_failed": reading["deliveries_failed"],
+            "received": reading["received"],
+            "received_distinct": reading["received_distinct"],
+            "waited_s": waited,
+            "complete": bool(since)
+            and since == reading["delivery_rows"] == reading["deliveries_succeeded"] == reading["received_distinct"],
+        }
+
+
+def show_background(found: PhaseBackground) -> None:
+    def count(value: int | None) -> str:
+        return "-" if value is None else f"{value:,}"
+
+    owed = {k: v for k, v in found.owed_after_catch_up.items() if v}
+    print(
+        f"    {found.events:,} events: webhooks delivered {found.delivered_during:,} during the phase,"
+        f" {found.delivered_after:,} after ({found.received_twice} twice); audit trail +{count(found.audited_during)}"
+        f" during, +{count(found.audited_after)} after; caught up in {found.catch_up_seconds:.1f} s"
+        f"{f', still owed {owed}' if owed else ''}"
+    )
+
+
+def compare_figures(phases: list[Phase], without: list[Phase], comparison: Comparison) -> dict[str, Any]:
+    """Per case/mode: CPU ms per settled operation on, on with the catch-up, and without."""
+    cpu: dict[str, Any] = {}
+    for p in phases:
+        key = f"{p.case}/{p.mode}"
+        cpu[key] = {"on": p.cpu_ms_per_settled}
+        for found in comparison.backgrounds:
+            if (found.part, found.case, found.mode) == ("on", p.case, p.mode):
+                cpu[key]["on_with_catch_up"] = found.cpu_ms_per_settled_with_catch_up
+    for p in without:
+        cpu.setdefault(f"{p.case}/{p.mode}", {})["without"] = p.cpu_ms_per_settled
+    return cpu
+
+
+def show_comparison(
+    phases: list[Phase], without: list[Phase], comparison: Comparison, cpu: dict[str, Any]
+) -> dict[str, float | None]:
+    """Print settled/s on and without, their ratio and the CPU per settled operation; the ratios."""
+    label = "+".join(comparison.without)
+    print(f"compare: everything on / without {', '.join(comparison.without)} (same run, database and accounts)")
+    ratios: dict[str, float | None] = {}
+    off = {(p.case, p.mode): p for p in without}
+    for p in phases:
+        q = off.get((p.case, p.mode))
+        if q is None:
+            continue
+        value = ratio(p.settled_per_s, q.settled_per_s)
+        ratios[f"{p.case}_{p.mode}_settled_on/without_{label}"] = value
+
+        def rate(x: float | None) -> str:
+            return "-" if x is None else f"{x:,.0f}/s"
+
+        shown = "-" if value is None else f"{value:.3f}"
+        print(f"  {p.case}/{p.mode}: settled {rate(p.settled_per_s)} on, {rate(q.settled_per_s)} without: {shown}")
+    kinds: list[str] = []
+    for rows in cpu.values():
+        for figures in rows.values():
+            kinds += [k for k in figures if k not in kinds]
+    labels = {(key, part): f"{key} {part}" for key, rows in cpu.items() for part in rows}
+    width = max(len("case/mode part"), *(len(label) for label in labels.values()))
+    widths = [max(6, len(k)) for k in kinds]
+    print("  CPU ms per settled operation (on_with_catch_up: the phase's CPU and its catch-up's, over its settled):")
+    print("  " + " | ".join(["case/mode part".ljust(width), *(k.rjust(w) for k, w in zip(kinds, widths, strict=True))]))
+    for (key, part), label in labels.items():
+        figures = cpu[key][part]
+        cells = ["-" if figures.get(k) is None else f"{figures[k]:.2f}" for k in kinds]
+        print("  " + " | ".join([label.ljust(width), *(c.rjust(w) for c, w in zip(cells, widths, strict=True))]))
+    return ratios
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def private_queue(amqp_url: str) -> Iterator[str]:
@@ -586,6 +1137,11 @@ def preflight() -> None:
     busy = [p for p in INGRESS_PORTS if port_answers(p)]
     if busy:
         sys.exit(f"ports {busy} already answer on 127.0.0.1; the Procfile's ingress nodes need them")
+    if "mongo" in dict(procfile()) and port_answers(MONGO_PORT):
+        sys.exit(
+            f"something already answers on 127.0.0.1:{MONGO_PORT} (`ops/run`'s SecantusDB, or another MongoDB?);"
+            " stop it first: this benchmark starts the Procfile's `mongo` there, and its audit consumer writes to it"
+        )
     if shutil.which("nginx") is None:
         sys.exit("nginx is not installed (ops/run installs it: apt-get install nginx)")
     if not (ROOT / ".venv" / "bin" / "cleanledger").exists():
@@ -601,11 +1157,26 @@ def main() -> None:
     parser.add_argument("--modes", default="wait,accept", help="comma-separated, of wait, accept")
     parser.add_argument("--drain-seconds", type=float, default=60.0, help="longest wait for a phase to settle")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-SQL baseline (no ratios)")
+    parser.add_argument(
+        "--compare-without",
+        metavar="PROCESSES",
+        help="Procfile names, comma-separated (e.g. audit,mongo,webhooks): run the phases again on a stack started"
+        " without them, same database and accounts, and report settled/s on / without",
+    )
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
     if set(cases) - set(CASES) or set(modes) - set(MODES):
         parser.error(f"cases are {', '.join(CASES)}; modes are {', '.join(MODES)}")
+    without: list[str] = []
+    if args.compare_without is not None:
+        without = sorted({name.strip() for name in args.compare_without.split(",") if name.strip()})
+        names = [name for name, _ in procfile()]
+        unknown = [name for name in without if name not in names]
+        if not without or unknown:
+            parser.error(f"--compare-without takes Procfile names ({', '.join(names)}); not {unknown or 'none'}")
+        if any(kind_of(name) in LOAD_PATH_KINDS for name in without):
+            parser.error("--compare-without cannot leave out nginx or an ingress node: the load goes through them")
     preflight()
     started = run_started()
     machine = machine_facts()
@@ -621,23 +1192,62 @@ def main() -> None:
         print(f"plain-SQL post_transfer {case:8} ({args.in_flight} clients): {describe(result)}")
 
     phases: list[Phase] = []
+    without_phases: list[Phase] = []
     checks: dict[str, Any] = {}
     facts: dict[str, Any] = {"procfile": dict(procfile())}
     log_dir = Path(tempfile.mkdtemp(prefix="cleanledger-e2e-"))
+    # --compare-without: a tenant of this run's own (the audit trail in var/mongo outlives runs) and the receiver.
+    tenant = f"bench-{uuid.uuid4().hex[:8]}" if without else TENANT
+    comparison: Comparison | None = None
     with fresh_database("bench_e2e") as db_url, private_queue(settings.amqp_url) as queue:
-        env = stack_env(db_url, queue)
-        migrate(Settings.from_env(env))
+        env = stack_env(db_url, queue, loopback_webhooks=bool(without))
+        stack_settings = Settings.from_env(env)
+        migrate(stack_settings)
         stack = Stack(env, log_dir)
+        off: Stack | None = None
         try:
+            if without:
+                comparison = Comparison(
+                    without=without,
+                    tenant=tenant,
+                    receiver=Receiver.start(),
+                    mongo_url=stack_settings.mongo_url,
+                    amqp_url=stack_settings.amqp_url,
+                    webhook_queue=stack_settings.webhook_queue,
+                    audit_queue=stack_settings.audit_queue,
+                )
             stack.start()
-            stack.wait_ready()
-            made = cleanledger(env, "create-api-key", "--tenant", TENANT)
+            stack.wait_ready(extra_ports=(MONGO_PORT,) if comparison and stack.runs("mongo") else ())
+            made = cleanledger(env, "create-api-key", "--tenant", tenant)
             if made.returncode != 0:
                 raise RuntimeError(f"create-api-key failed: {made.stderr}")
             secret = made.stdout.strip().splitlines()[-1]
-            facts["setup_seconds"], phases = asyncio.run(
-                measure(stack, secret, db_url=db_url, args=args, cases=cases, modes=modes)
-            )
+            if comparison is None:
+                facts["setup_seconds"], phases = asyncio.run(
+                    measure(stack, secret, db_url=db_url, args=args, cases=cases, modes=modes)
+                )
+            else:
+                print(f"part 1, everything on: tenant {tenant}")
+                ids, phases = asyncio.run(
+                    measure_part(
+                        "on", stack, secret, comparison, ids=None, db_url=db_url, args=args, cases=cases, modes=modes
+                    )
+                )
+                facts["setup_seconds"] = comparison.parts["on"]["setup_seconds"]
+                restart_started = time.perf_counter()
+                facts["exit_codes"] = stack.stop()
+                wait_ports_free((*INGRESS_PORTS, NGINX_PORT, *((MONGO_PORT,) if stack.runs("mongo") else ())))
+                off = Stack(env, log_dir / "without", exclude=frozenset(without))
+                off.start()
+                off.wait_ready(extra_ports=(MONGO_PORT,) if off.runs("mongo") else ())
+                restart_s = time.perf_counter() - restart_started
+                comparison.parts["without"] = {"restart_seconds": restart_s}
+                print(f"part 2, without {', '.join(without)}: stack stopped and started again in {restart_s:.1f} s")
+                _, without_phases = asyncio.run(
+                    measure_part(
+                        "without", off, secret, comparison, ids=ids, db_url=db_url, args=args, cases=cases, modes=modes
+                    )
+                )
             verified = cleanledger(env, "verify")
             checks["verify_exit_code"] = verified.returncode
             checks["verify_output"] = verified.stdout.strip().splitlines()[-5:]
@@ -646,12 +1256,28 @@ def main() -> None:
             facts["exit_codes"] = stack.stop()
             facts["log_dir"] = str(log_dir)
             facts["log_problems"] = stack.log_problems()
+            if comparison is not None:
+                if off is not None:
+                    record = comparison.parts.setdefault("without", {})
+                    record["exit_codes"] = off.stop()
+                    record["log_dir"] = str(off.log_dir)
+                    record["log_problems"] = off.log_problems()
+                comparison.receiver.stop()
             with contextlib.suppress(Exception):
                 facts["redis_keys_removed"] = forget_redis_copies(settings.redis_url, db_url)
 
     checks["phases_consistent"] = {f"{p.case}/{p.mode}": p.consistent for p in phases}
     checks["plain_sql"] = plain_check
     ok = checks.get("verify_exit_code") == 0 and all(checks["phases_consistent"].values())
+    if comparison is not None:
+        checks["phases_consistent_without"] = {f"{p.case}/{p.mode}": p.consistent for p in without_phases}
+        checks.update(comparison.checks)
+        ok = (
+            ok
+            and len(without_phases) == len(phases)
+            and all(checks["phases_consistent_without"].values())
+            and all(comparison.checks.get(name, {}).get("complete", True) for name in ("audit_trail", "webhooks"))
+        )
     checks["ok"] = ok
 
     print()
@@ -662,13 +1288,46 @@ def main() -> None:
         ratios[f"{p.case}_{p.mode}_settled/plain_{'uniform' if p.case == 'uniform' else 'hot'}"] = ratio(
             p.settled_per_s, base.tps if base else None
         )
+    if comparison is not None:
+        cpu = compare_figures(phases, without_phases, comparison)
+        ratios.update(show_comparison(phases, without_phases, comparison, cpu))
+        received, distinct = comparison.receiver.counts()
+        facts["compare"] = {
+            "without": without,
+            "tenant": tenant,
+            "webhook_endpoint_id": comparison.endpoint_id,
+            "receiver": {"url": comparison.receiver.url, "received": received, "received_distinct": distinct},
+            "parts": comparison.parts,
+            "phases_without": without_phases,
+            "background": comparison.backgrounds,
+            "cpu_ms_per_settled": cpu,
+        }
     ratios = {k: v for k, v in ratios.items() if v is not None}
     for name, value in ratios.items():
         print(f"ratio {name:44} {value:.3f}")
     for name, problems in facts["log_problems"].items():
         print(f"log {name}: {problems['lines']} warning/error lines, first: {problems['first'][0]}")
+    if comparison is not None:
+        for name, problems in comparison.parts.get("without", {}).get("log_problems", {}).items():
+            print(f"log without/{name}: {problems['lines']} warning/error lines, first: {problems['first'][0]}")
     verdict = "ok" if ok else "FAILED"
     print(f"checks: {verdict} {checks['phases_consistent']}, verify exit {checks.get('verify_exit_code')}")
+    if comparison is not None:
+        print(f"checks without: {checks['phases_consistent_without']}")
+        for name in ("audit_trail", "webhooks"):
+            if name in checks:
+                print(f"check {name}: {checks[name]}")
+        unclean = {
+            f"{part}/{name}": code
+            for part, codes in (
+                ("on", facts["exit_codes"]),
+                ("without", comparison.parts["without"].get("exit_codes", {})),
+            )
+            for name, code in codes.items()
+            if code != 0
+        }
+        if unclean:
+            print(f"WARNING: processes that did not exit 0 on SIGTERM: {unclean}")
     print(f"process logs: {log_dir}")
     write_results(
         "e2e",
