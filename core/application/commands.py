@@ -17,6 +17,9 @@ from core.domain.errors import IdempotencyKeyInvalid, SameAccount, ValidationFai
 from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
 from core.domain.money import Money, validate_currency
 
+# UUID versions a client may choose an account id from: random (4) and time-ordered (7). System accounts' ids
+# are derived (version 5, `core.domain.ids.external_account_id`).
+CLIENT_ID_VERSIONS = frozenset({4, 7})
 # Idempotency keys: 1-255 printable ASCII characters, no spaces (UUIDs, ULIDs, "order-123:attempt-1"...).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -73,6 +76,10 @@ class CreateAccount(Command):
         validate_metadata(self.metadata)
         if self.overdraft.limit is None:
             raise ValidationFailed("customer accounts need an overdraft limit (0 for none)")
+        if self.account_id is not None and self.account_id.version not in CLIENT_ID_VERSIONS:
+            # The ledger's own accounts have derived (version 5) ids: no client may take one, its own tenant's
+            # or another's, and a random or time-ordered id cannot collide with one by chance.
+            raise ValidationFailed("a client-chosen account id must be a random (v4) or time-ordered (v7) UUID")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from core.adapters.rabbitmq.commands import CommandPublisher
 from core.application.commands import Credit
 from core.bootstrap import LedgerService
 from core.cli import main as cli_main
-from core.domain.ids import new_id
+from core.domain.ids import external_account_id, new_id
 from core.domain.money import Money
 from core.settings import Settings
 from ingress.app import init_app
@@ -167,6 +167,17 @@ async def test_bad_bodies_get_problem_documents(
     doc = await response.json(content_type=None)
     assert doc["code"] == code
     assert doc["detail"]
+
+
+async def test_no_account_can_be_opened_on_a_system_account_id(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService, tenant: str
+) -> None:
+    for squat in (external_account_id(f"{tenant}-victim", "EUR"), external_account_id(tenant, "USD")):
+        body = {"currency": "EUR", "id": str(squat)}
+        response = await api.post("/v1/accounts", json=body, headers=headers(api_key, uuid.uuid4().hex))
+        assert response.status == 422
+        assert (await response.json(content_type=None))["code"] == "validation-failed"
+    assert ledger.queries.account(f"{tenant}-victim", external_account_id(f"{tenant}-victim", "EUR")) is None
 
 
 async def test_transport_errors_are_problems_too(api: TestClient[Any, Any], api_key: str, settings: Settings) -> None:

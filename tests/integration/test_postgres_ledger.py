@@ -18,8 +18,8 @@ from core.application.commands import ChangeAccountStatus, CreateAccount, Credit
 from core.application.views import OperationResult, OperationStatus
 from core.bootstrap import LedgerService, bootstrap
 from core.cli import main as cli_main
-from core.domain.errors import IdempotencyKeyReused, RequestInvalid
-from core.domain.ids import external_account_id
+from core.domain.errors import IdempotencyKeyReused, RequestInvalid, ValidationFailed
+from core.domain.ids import external_account_id, new_id
 from core.domain.model import AccountStatus, OverdraftPolicy
 from core.domain.money import Money
 from core.settings import Settings
@@ -302,6 +302,58 @@ def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings
             )
             found = {v.check for v in verify(conn)}
         assert "every entry belongs to an existing transaction and account" in found
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_no_client_can_take_a_system_account_id(ledger: LedgerService, tenant: str) -> None:
+    victim = f"{tenant}-victim"
+    squatted = external_account_id(victim, "EUR")  # computable by anyone who knows the tenant's name
+    for taker, squat in ((tenant, squatted), (victim, squatted), (tenant, external_account_id(tenant, "USD"))):
+        with pytest.raises(ValidationFailed, match="v4"):
+            CreateAccount(taker, "EUR", account_id=squat)
+    # The victim's credits and debits in that currency keep working.
+    a = open_account(ledger, victim, "EUR")
+    assert credit(ledger, victim, a, 100, "EUR").status is OperationStatus.SUCCEEDED
+    assert ledger.queries.account(victim, squatted) is not None  # its external account, as the ledger made it
+    # Random and time-ordered ids remain the client's to choose.
+    for chosen in (uuid.uuid4(), new_id()):
+        made = ledger.execute(CreateAccount(tenant, "EUR", account_id=chosen), idempotency_key=key())
+        assert made.status is OperationStatus.SUCCEEDED
+
+
+def test_verify_reports_a_customer_account_on_a_system_id_and_a_misplaced_system_account(settings: Settings) -> None:
+    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_squat"
+    scratch = dataclasses.replace(
+        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name)
+    )
+    migrate(scratch)  # a throwaway database: accounts written here can never be removed
+    try:
+        service = bootstrap(scratch, pool_size=2)
+        try:
+            a = open_account(service, "scratch")
+            credit(service, "scratch", a, 10)
+        finally:
+            service.close()
+        with psycopg.connect(scratch.database_url, autocommit=True) as conn:
+            assert verify(conn) == []
+            # What the squatting attack left behind before ids were checked, and a system account elsewhere.
+            conn.execute(
+                "INSERT INTO accounts (id, tenant_id, currency, kind, overdraft_limit)"
+                " VALUES (%s, 'scratch', 'EUR', 'customer', 0)",
+                (external_account_id("other", "EUR"),),
+            )
+            conn.execute(
+                "INSERT INTO accounts (id, tenant_id, currency, kind, system_role, overdraft_limit)"
+                " VALUES (%s, 'scratch', 'GBP', 'system', 'external', NULL)",
+                (uuid.uuid4(),),
+            )
+            found = {v.check for v in verify(conn)}
+        assert found == {
+            "no customer account sits on a derived (version 5, system) id",
+            "every system account sits on the id derived from its tenant and currency",
+        }
     finally:
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

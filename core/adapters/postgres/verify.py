@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from psycopg import Connection
 from psycopg.rows import TupleRow
 
+from core.domain.ids import external_account_id
+
 # Offending rows reported per check, at most.
 MAX_REPORTED = 50
+SYSTEM_IDS = "every system account sits on the id derived from its tenant and currency"
 
 CHECKS: dict[str, str] = {
     "books balance per currency (sum of all entries is 0)": """
@@ -61,6 +64,9 @@ CHECKS: dict[str, str] = {
         SELECT id, posted_balance, overdraft_limit FROM accounts
         WHERE overdraft_limit IS NOT NULL AND posted_balance < -overdraft_limit
     """,
+    "no customer account sits on a derived (version 5, system) id": """
+        SELECT id, tenant_id FROM accounts WHERE kind = 'customer' AND substr(id::text, 15, 1) = '5'
+    """,
     "every posting has exactly one settled operation and idempotency key": """
         SELECT t.id, t.operation_id, k.status FROM transactions t
         LEFT JOIN idempotency_keys k ON k.operation_id = t.operation_id
@@ -86,4 +92,8 @@ def verify(conn: Connection[TupleRow]) -> list[Violation]:
         for name, query in CHECKS.items():
             rows = conn.execute(f"SELECT * FROM ({query}) v LIMIT {MAX_REPORTED}").fetchall()
             violations.extend(Violation(name, tuple(row)) for row in rows)
+        # Derived ids are computed here, not in SQL: one row per tenant and currency, few.
+        system = conn.execute("SELECT id, tenant_id, currency FROM accounts WHERE kind = 'system'").fetchall()
+        misplaced = [row for row in system if row[0] != external_account_id(str(row[1]), str(row[2]))]
+        violations.extend(Violation(SYSTEM_IDS, tuple(row)) for row in misplaced[:MAX_REPORTED])
     return violations
