@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -279,12 +282,15 @@ def test_create_account_defaults_to_no_overdraft(ledger: LedgerService, tenant: 
     assert body["balance"] == {"posted": 0, "pending": 0, "available": 0}
 
 
-def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings: Settings) -> None:
-    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_scratch"
+@contextlib.contextmanager
+def scratch_ledger(settings: Settings, suffix: str) -> Iterator[tuple[Settings, UUID]]:
+    """A throwaway database (what a test writes there can never be removed: the books are append-only) holding
+    one funded account of tenant "scratch"; dropped afterwards."""
+    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_{suffix}"
     scratch = dataclasses.replace(
         settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name)
     )
-    migrate(scratch)  # a throwaway database: the orphan written here can never be removed (append-only)
+    migrate(scratch)
     try:
         service = bootstrap(scratch, pool_size=2)
         try:
@@ -292,6 +298,14 @@ def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings
             credit(service, "scratch", a, 10)
         finally:
             service.close()
+        yield scratch, a
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings: Settings) -> None:
+    with scratch_ledger(settings, "scratch") as (scratch, a):
         with psycopg.connect(scratch.database_url, autocommit=True) as conn:
             assert verify(conn) == []
             conn.execute(
@@ -302,9 +316,6 @@ def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings
             )
             found = {v.check for v in verify(conn)}
         assert "every entry belongs to an existing transaction and account" in found
-    finally:
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def test_no_client_can_take_a_system_account_id(ledger: LedgerService, tenant: str) -> None:
@@ -324,18 +335,7 @@ def test_no_client_can_take_a_system_account_id(ledger: LedgerService, tenant: s
 
 
 def test_verify_reports_a_customer_account_on_a_system_id_and_a_misplaced_system_account(settings: Settings) -> None:
-    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_squat"
-    scratch = dataclasses.replace(
-        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name)
-    )
-    migrate(scratch)  # a throwaway database: accounts written here can never be removed
-    try:
-        service = bootstrap(scratch, pool_size=2)
-        try:
-            a = open_account(service, "scratch")
-            credit(service, "scratch", a, 10)
-        finally:
-            service.close()
+    with scratch_ledger(settings, "squat") as (scratch, _):
         with psycopg.connect(scratch.database_url, autocommit=True) as conn:
             assert verify(conn) == []
             # What the squatting attack left behind before ids were checked, and a system account elsewhere.
@@ -354,6 +354,3 @@ def test_verify_reports_a_customer_account_on_a_system_id_and_a_misplaced_system
             "no customer account sits on a derived (version 5, system) id",
             "every system account sits on the id derived from its tenant and currency",
         }
-    finally:
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
