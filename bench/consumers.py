@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, machine_facts, print_machine, ratio, run_started, server_roots, tree_cpu_seconds, write_results
 
-from core.adapters.rabbitmq.commands import command_message, dead_letter_queue, main_queue_arguments
-from core.adapters.rabbitmq.consumer import DEAD_LETTER_TTL_MS, CommandConsumer
+from core.adapters.rabbitmq.commands import DEAD_LETTER_TTL_MS, command_message, dead_letter_queue, main_queue_arguments
+from core.adapters.rabbitmq.consumer import CommandConsumer
 from core.application.commands import Transfer
 from core.domain.money import Money
 

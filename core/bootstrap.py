@@ -1,5 +1,6 @@
-"""Composition root: wires the PostgreSQL adapters to the use cases. Both entry points (ingress, workers)
-and the tests build the ledger through `bootstrap()`."""
+"""Composition root: wires the adapters (PostgreSQL, Redis, RabbitMQ, MongoDB) to the use cases. Both entry
+points (ingress, workers) and the tests build the ledger through `bootstrap()`, and the ingress's accept phase
+through `acceptance()`."""
 
 from __future__ import annotations
 
@@ -7,17 +8,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.mongo.audit import MongoAuditStore
 from core.adapters.net import SystemResolver
-from core.adapters.postgres.db import open_pool
+from core.adapters.postgres.db import open_async_pool, open_pool
+from core.adapters.postgres.operations import PostgresOperationRecords
 from core.adapters.postgres.queries import PostgresQueries
 from core.adapters.postgres.uow import PostgresUnitOfWork
 from core.adapters.postgres.webhooks import PostgresWebhooks
+from core.adapters.rabbitmq.commands import AmqpCommandQueue
+from core.adapters.redis.cache import OperationCache, RedisQueuedKeys
 from core.application import group_commit, handlers
+from core.application.accept import Acceptance
 from core.application.commands import Command
 from core.application.group_commit import Outcome, Unsettled
+from core.application.ports import CommandQueue, OperationRecords
 from core.application.retry import RetryPolicy
 from core.application.settle import Submission
 from core.application.views import OperationResult
@@ -71,23 +77,6 @@ class LedgerService:
             results.append(outcome)
         return results
 
-    def accept(self, command: Command, *, idempotency_key: str, operation_id: UUID) -> OperationResult:
-        """Record a command as a pending operation (ingress phase); the key's operation if already known."""
-        return self.retry.run(
-            lambda: handlers.accept(
-                command, uow=self.unit_of_work(), idempotency_key=idempotency_key, operation_id=operation_id
-            ),
-            what="accept",
-        )
-
-    def abandon(self, tenant_id: str, *, idempotency_key: str, operation_id: UUID) -> None:
-        self.retry.run(
-            lambda: handlers.abandon(
-                tenant_id, uow=self.unit_of_work(), idempotency_key=idempotency_key, operation_id=operation_id
-            ),
-            what="abandon",
-        )
-
     def give_up(
         self, command: Command, *, idempotency_key: str, operation_id: UUID, error: LedgerError
     ) -> OperationResult:
@@ -127,3 +116,31 @@ def bootstrap(
 def audit_store(settings: Settings) -> MongoAuditStore:
     """The audit trail's store (MongoDB at `CLEANLEDGER_MONGO_URL`)."""
     return MongoAuditStore(settings.mongo_url)
+
+
+async def ingress_database(settings: Settings) -> AsyncConnectionPool:
+    """The ingress's asyncio PostgreSQL pool (its accept phase, API keys, operation reads)."""
+    return await open_async_pool(settings, max_size=settings.ingress_db_connections)
+
+
+def command_queue(settings: Settings) -> AmqpCommandQueue:
+    """The ingress's command queue: RabbitMQ, confirms pipelined; it connects on first use."""
+    return AmqpCommandQueue(settings.amqp_url, queue_name=settings.command_queue)
+
+
+def operation_records(database: AsyncConnectionPool) -> PostgresOperationRecords:
+    return PostgresOperationRecords(database)
+
+
+def acceptance(
+    settings: Settings, *, records: OperationRecords, queue: CommandQueue, cache: OperationCache
+) -> Acceptance:
+    """The accept use case on the ingress's adapters (call inside its event loop)."""
+    return Acceptance(
+        records=records,
+        queue=queue,
+        queued_keys=RedisQueuedKeys(cache, ttl_s=settings.idempotency_cache_s),
+        max_group=settings.accept_group_max,
+        writers=max(1, min(2, settings.ingress_db_connections - 1)),
+        retry_after_s=settings.broker_retry_after_s,
+    )

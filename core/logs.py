@@ -50,6 +50,9 @@ def _render_stdlib_records(
     for handler in root.handlers:
         handler.setFormatter(formatter)
     root.setLevel(level)
+    # pika narrates every connection's bring-up and teardown at INFO (a dozen lines each); its warnings and
+    # errors still come through.
+    logging.getLogger("pika").setLevel(max(level, logging.WARNING))
 
 
 class _CurrentStderrHandler(logging.Handler):

@@ -25,7 +25,11 @@ class Settings:
     # --- ingress -------------------------------------------------------------------------------------------
     ingress_host: str = "127.0.0.1"
     ingress_port: int = 8081
-    ingress_db_threads: int = 8  # blocking PostgreSQL/RabbitMQ calls run on this many threads per process
+    ingress_db_threads: int = 4  # threads for the blocking reads not yet on the async pool, per process
+    # Async PostgreSQL connections per ingress process: the accept phase's record statements, API-key lookups
+    # and operation reads. Two of them write records (one group each); the rest read.
+    ingress_db_connections: int = 4
+    accept_group_max: int = 256  # pending operations recorded by one statement and commit at most
     max_body_bytes: int = 64 * 1024  # larger request bodies get 413
     # A body still arriving after this long gets 408, so a client trickling bytes cannot hold a request (and its
     # memory) forever; seconds. nginx has its own, shorter per-read timeout in front.

@@ -10,13 +10,12 @@ from aiohttp import web
 
 from core.adapters.mongo.audit import AuditReader
 from core.adapters.postgres.queries import ledger_id
-from core.adapters.rabbitmq.commands import CommandPublisher
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.client import async_client
 from core.adapters.redis.rate_limit import TokenBucket
 from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
-from core.bootstrap import bootstrap
+from core.bootstrap import acceptance, bootstrap, command_queue, ingress_database, operation_records
 from core.logs import configure_logging
 from core.settings import Settings
 from ingress.context import INGRESS, Ingress
@@ -48,6 +47,14 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await ingress.blocking(ingress.ledger.close)
 
 
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    ingress.database = await ingress_database(ingress.settings)
+    ingress.records = operation_records(ingress.database)
+    yield
+    await ingress.database.close()
+
+
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
     settings = ingress.settings
@@ -74,9 +81,16 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
-    ingress.publisher = CommandPublisher(ingress.settings.amqp_url, queue_name=ingress.settings.command_queue)
+    ingress.queue = command_queue(ingress.settings)
     yield
-    await ingress.blocking(ingress.publisher.close)
+    await ingress.queue.close()
+
+
+async def acceptance_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    ingress.acceptance = acceptance(ingress.settings, records=ingress.records, queue=ingress.queue, cache=ingress.cache)
+    yield
+    await ingress.acceptance.close()
 
 
 async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -95,7 +109,7 @@ def init_app(settings: Settings) -> web.Application:
         settings, ThreadPoolExecutor(max_workers=settings.ingress_db_threads, thread_name_prefix="ingress-io")
     )
     app[API_KEY_CACHE] = ApiKeyCache(settings.api_key_cache_s)
-    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, redis_ctx, broker_ctx, audit_ctx])
+    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, database_ctx, redis_ctx, broker_ctx, acceptance_ctx, audit_ctx])
     app.add_routes(routes)
     return app
 

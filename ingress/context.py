@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
 
 from core.adapters.mongo.audit import AuditReader
-from core.adapters.rabbitmq.commands import CommandPublisher
+from core.adapters.rabbitmq.commands import AmqpCommandQueue
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.rate_limit import TokenBucket
 from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
+from core.application.accept import Acceptance
+from core.application.ports import OperationRecords
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from ingress.health import Readiness
@@ -40,8 +43,11 @@ class Ingress:
 
     settings: Settings
     executor: ThreadPoolExecutor
-    ledger: LedgerService = field(init=False)
-    publisher: CommandPublisher = field(init=False)
+    ledger: LedgerService = field(init=False)  # blocking reads (accounts, entries, webhooks), on `executor`
+    database: AsyncConnectionPool = field(init=False)  # the event loop's PostgreSQL
+    records: OperationRecords = field(init=False)  # operations pending or settled, read on the event loop
+    queue: AmqpCommandQueue = field(init=False)
+    acceptance: Acceptance = field(init=False)  # POSTs of commands
     cache: OperationCache = field(init=False)
     limiter: TokenBucket = field(init=False)  # requests per API key
     auth_limiter: TokenBucket = field(init=False)  # uncached API-key lookups per client address
@@ -56,7 +62,7 @@ class Ingress:
         self.trusted_proxies = parse_networks(self.settings.trusted_proxies)
 
     async def blocking(self, fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
-        """Run a blocking call (PostgreSQL, pika) on the bounded pool, never on the event loop."""
+        """Run a blocking call (the sync read adapters) on the bounded pool, never on the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 

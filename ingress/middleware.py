@@ -277,7 +277,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             log.warning("auth.lookups_limited", client=address)
             raise RateLimited("too many unrecognised API keys from this address", retry_after=lookup.retry_after_s)
         generation = cache.generation
-        key = await ingress.blocking(find_api_key, ingress.ledger.pool, secret)
+        key = await find_api_key(ingress.database, secret)
         cache.put(digest, key, looked_up_at=generation)
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")

@@ -7,17 +7,13 @@ import re
 from typing import Any
 from uuid import UUID
 
-import psycopg
 import structlog
 from aiohttp import web
 
-from core.adapters.postgres.operations import enqueue_state, mark_enqueued
-from core.adapters.rabbitmq.commands import BrokerUnavailable
-from core.application.commands import Command, validate_idempotency_key
+from core.application.commands import validate_idempotency_key
 from core.application.ports import AuditUnavailable, EntryView
 from core.application.requests import Body, CreateAccountBody, CreditBody, DebitBody, TransferBody, parse_body
 from core.application.views import (
-    OperationResult,
     account_json,
     delivery_json,
     endpoint_json,
@@ -28,17 +24,14 @@ from core.application.views import (
 from core.application.webhooks import EventFilter
 from core.domain.errors import (
     AccountNotFound,
-    IdempotencyKeyInUse,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
-    IdempotencyKeyReused,
     OperationNotFound,
     RequestInvalid,
     RequestTimeout,
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from core.domain.ids import new_id
 from ingress.context import INGRESS, Ingress
 from ingress.middleware import TENANT
 from ingress.schemas import (
@@ -52,9 +45,6 @@ from ingress.schemas import (
 
 routes = web.RouteTableDef()
 log = structlog.get_logger("ingress")
-# Longest a publish (all of Dramatiq's connection attempts) plus its confirmation bookkeeping can take, in
-# seconds; an operation unconfirmed for longer than this has lost its publisher.
-PUBLISH_GRACE_S = 30.0
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+)", re.IGNORECASE)
 # Content-Encodings the ingress decodes (aiohttp does, as the body is read); any other is refused with 415.
 BODY_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
@@ -85,7 +75,7 @@ async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID
     if cached is not None and cached.get("tenant_id") == tenant_id and isinstance(cached.get("operation"), dict):
         document: dict[str, Any] = cached["operation"]
         return document
-    found = await ingress.blocking(ingress.ledger.queries.operation, tenant_id, operation_id)
+    found = await ingress.records.find(tenant_id, operation_id)
     return operation_json(found) if found is not None else None
 
 
@@ -138,9 +128,9 @@ async def read_body(request: web.Request, model: type[Body], *, timeout_s: float
 
 
 async def submit(request: web.Request, model: type[Body]) -> web.Response:
-    """Queue a command: validate, dedupe on the Idempotency-Key, publish with confirms, answer 202."""
+    """Queue a command: parse, accept (record, publish with confirms; see `core.application.accept`), answer
+    202, or the settled result when `Prefer: wait` was asked and it settled in time."""
     ingress = request.app[INGRESS]
-    tenant_id = request[TENANT]
     raw_keys = request.headers.getall("Idempotency-Key", [])
     if not raw_keys:
         raise IdempotencyKeyMissing()
@@ -148,76 +138,13 @@ async def submit(request: web.Request, model: type[Body]) -> web.Response:
         raise IdempotencyKeyInvalid("send exactly one Idempotency-Key header")
     key = validate_idempotency_key(raw_keys[0])
     body = await read_body(request, model, timeout_s=ingress.settings.body_read_timeout_s)
-    command: Command = body.to_command(tenant_id)
-    fingerprint = command.fingerprint()
     wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
-
-    document = None
-    cached = await ingress.cache.lookup_key(tenant_id, key)
-    if cached is not None:
-        if cached.fingerprint != fingerprint:
-            raise IdempotencyKeyReused(
-                f"Idempotency-Key {key!r} was used for a different request", operation_id=cached.operation_id
-            )
-        document = await current_operation(ingress, tenant_id, UUID(cached.operation_id))
-    replayed = document is not None
-    if document is None:
-        outcome: OperationResult = await ingress.blocking(
-            ingress.ledger.accept, command, idempotency_key=key, operation_id=new_id()
-        )
-        replayed = outcome.replayed
-        structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
-        if not replayed:
-            await publish_or_abandon(ingress, command, key, outcome.operation_id)
-        elif not outcome.settled:
-            await ensure_confirmed(ingress, tenant_id, key, outcome.operation_id)
-        await ingress.cache.remember_key(
-            tenant_id,
-            key,
-            operation_id=str(outcome.operation_id),
-            fingerprint=fingerprint,
-            ttl_s=ingress.settings.idempotency_cache_s,
-        )
-        document = operation_json(outcome)
+    outcome = await ingress.acceptance.accept(body.to_command(request[TENANT]), idempotency_key=key)
+    structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
+    document = operation_json(outcome)
     if wait_s is not None:
-        document = await settle_wait(ingress, tenant_id, document, wait_s)
-    return operation_response(document, waited=wait_s, replayed=replayed, created=not replayed)
-
-
-async def publish_or_abandon(ingress: Ingress, command: Command, key: str, operation_id: UUID) -> None:
-    try:
-        await ingress.blocking(
-            ingress.publisher.publish, operation_id=operation_id, idempotency_key=key, command=command
-        )
-    except BrokerUnavailable as exc:
-        # Not confirmed: forget the pending operation so the client's retry with the same key starts afresh.
-        await ingress.blocking(
-            ingress.ledger.abandon, command.tenant_id, idempotency_key=key, operation_id=operation_id
-        )
-        raise ServiceUnavailable(
-            "the command queue is unreachable; nothing was accepted, retry later with the same Idempotency-Key",
-            retry_after=ingress.settings.broker_retry_after_s,
-            reason=str(exc),
-        ) from None
-    try:
-        await ingress.blocking(mark_enqueued, ingress.ledger.pool, operation_id)
-    except psycopg.Error as exc:
-        # The command is on the queue and will settle; only the bookkeeping is missing, so the sweeper may
-        # publish it once more later (harmless: it replays). Never fail an accepted request for this.
-        log.warning("ingress.mark_enqueued_failed", operation_id=str(operation_id), error=str(exc))
-
-
-async def ensure_confirmed(ingress: Ingress, tenant_id: str, key: str, operation_id: UUID) -> None:
-    """A duplicate found the key's operation pending. If its first request is still publishing (not yet
-    confirmed, recently recorded), that publish may yet fail and withdraw the operation: answer 409 rather
-    than hand out an id that could vanish. Past the grace period the publisher is gone and the redelivery
-    sweeper owns the operation, so its id is safe to give."""
-    state = await ingress.blocking(enqueue_state, ingress.ledger.pool, tenant_id, operation_id)
-    if state is not None and not state.confirmed and state.age_s < PUBLISH_GRACE_S:
-        raise IdempotencyKeyInUse(
-            f"the first request with Idempotency-Key {key!r} is still being accepted",
-            retry_after=1,
-        )
+        document = await settle_wait(ingress, request[TENANT], document, wait_s)
+    return operation_response(document, waited=wait_s, replayed=outcome.replayed, created=not outcome.replayed)
 
 
 def entry_json(entry: EntryView) -> dict[str, Any]:

@@ -82,9 +82,7 @@ def poison(db: psycopg.Connection[tuple[object, ...]]) -> Iterator[dict[str, obj
         "CREATE FUNCTION test_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
         " IF NEW.metadata ? 'poison' THEN RAISE EXCEPTION 'poisoned posting'; END IF; RETURN NEW; END $$"
     )
-    db.execute(
-        "CREATE TRIGGER test_poison BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_poison()"
-    )
+    db.execute("CREATE TRIGGER test_poison BEFORE INSERT ON transactions FOR EACH ROW EXECUTE FUNCTION test_poison()")
     try:
         yield {"poison": "yes"}
     finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 from uuid import UUID
 
-from core.application.commands import CreateAccount, Credit, Debit, Transfer
+from core.application.commands import Command, CreateAccount, Credit, Debit, Transfer
+from core.application.ports import Claim
 from core.application.views import OperationResult, OperationStatus
-from core.bootstrap import LedgerService
+from core.bootstrap import LedgerService, ingress_database, operation_records
 from core.domain.model import OverdraftPolicy
 from core.domain.money import Money
 
@@ -46,3 +48,20 @@ def balance(ledger: LedgerService, tenant: str, account: UUID) -> int:
     found = ledger.queries.account(tenant, account)
     assert found is not None
     return found.balance
+
+
+def record_pending(ledger: LedgerService, command: Command, idempotency_key: str, operation_id: UUID) -> None:
+    """Record a command as pending the way an ingress does before it publishes (the real adapter and its
+    statement), for tests that then publish it themselves, or never do."""
+
+    async def record() -> None:
+        database = await ingress_database(ledger.settings)
+        try:
+            existing = await operation_records(database).record(
+                [Claim.for_command(command, idempotency_key, operation_id)]
+            )
+        finally:
+            await database.close()
+        assert not existing, f"the key {idempotency_key!r} was already claimed"
+
+    asyncio.run(record())

@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
+from core.application.commands import Command
 from core.application.views import OperationResult
 from core.domain.errors import ServiceUnavailable
 from core.domain.ids import new_id
@@ -22,6 +23,7 @@ class ExistingKey:
 
     fingerprint: str
     operation: OperationResult
+    age_s: float = 0.0  # seconds since the key was claimed, by the store's clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,11 @@ class Claim:
     operation_id: UUID
     command_type: str
     request: dict[str, Any]  # the command's JSON form, stored with the operation
+
+    @classmethod
+    def for_command(cls, command: Command, key: str, operation_id: UUID) -> Claim:
+        request = command.to_json()
+        return cls(command.tenant_id, key, command.fingerprint(request), operation_id, command.type, request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +113,6 @@ class IdempotencyStore(abc.ABC):
     def complete(self, completions: Sequence[Completion]) -> None:
         """Store settled outcomes against their keys (and operations)."""
 
-    @abc.abstractmethod
-    def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
-        """Forget a still-pending claim and its operation (the command never reached the queue)."""
-
 
 class Outbox(abc.ABC):
     @abc.abstractmethod
@@ -149,6 +152,51 @@ class AuditStore(abc.ABC):
 
 class AuditUnavailable(Exception):
     """The audit store cannot be reached; nothing was lost, the records wait in their queue."""
+
+
+# --- the accept phase (ingress): async, on the event loop ----------------------------------------------------
+class OperationRecords(abc.ABC):
+    """Pending operations as the ingress records them, before their command is queued."""
+
+    @abc.abstractmethod
+    async def record(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
+        """Claim each (tenant, key) for its operation as pending, all in one commit; the keys are distinct.
+        Returns the keys that were already claimed, as `IdempotencyStore.claim` does. Raises
+        `StoreUnavailable` when the store cannot be reached, `TransientConflict` when a claim raced."""
+
+    @abc.abstractmethod
+    async def withdraw(self, claim: Claim) -> None:
+        """Forget a pending operation whose command never reached the queue (a no-op once it settled)."""
+
+    @abc.abstractmethod
+    async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
+        """The tenant's operation as it stands, pending or settled."""
+
+
+class QueueUnavailable(Exception):
+    """The command queue did not confirm a command: it may not have it."""
+
+
+class CommandQueue(abc.ABC):
+    """Where accepted commands wait for a worker (RabbitMQ)."""
+
+    @abc.abstractmethod
+    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
+        """Queue the command durably and return once the queue confirmed it; raises `QueueUnavailable`.
+        Concurrent calls are pipelined: each waits for its own confirm only."""
+
+
+class QueuedKeys(abc.ABC):
+    """A cache (Redis) of the keys whose command the queue confirmed. Only ever a hint that spares a
+    duplicate the in-flight answer: losing it costs a retry, never an operation."""
+
+    @abc.abstractmethod
+    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
+        """Note that the key's command was confirmed; never raises."""
+
+    @abc.abstractmethod
+    async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:
+        """The operation the key's confirmed command belongs to; None when unknown (or the cache is down)."""
 
 
 class StoreUnavailable(ServiceUnavailable):

@@ -65,7 +65,11 @@ def validate_metadata(metadata: object) -> dict[str, Any]:
         encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise MetadataInvalid(f"metadata must be plain JSON: {exc}") from None
-    if len(encoded.encode()) > MAX_METADATA_BYTES:
+    try:
+        size = len(encoded.encode())
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no UTF-8 for it, nor in PostgreSQL
+        raise MetadataInvalid("metadata keys and strings must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_METADATA_BYTES:
         raise MetadataInvalid(f"metadata must not exceed {MAX_METADATA_BYTES} bytes as JSON")
     if _holds_nul(metadata):
         # PostgreSQL refuses U+0000 in jsonb and text: caught here it is the client's 422, not a failed insert.

@@ -16,13 +16,14 @@ import psycopg
 
 from core.adapters.postgres.api_keys import create_api_key
 from core.adapters.rabbitmq.commands import CommandPublisher
+from core.adapters.rabbitmq.connection import queue_depth
 from core.application.commands import Credit
 from core.application.views import OperationStatus
 from core.bootstrap import LedgerService
 from core.domain.ids import new_id
 from core.domain.money import Money
 from core.settings import Settings
-from tests.helpers import balance, open_account
+from tests.helpers import balance, open_account, record_pending
 from tests.integration.test_worker_failures import wait_for_lock_waiter, wait_until_settled
 from tests.processes import ManagedProcess, free_port, ingress_command, settings_env, worker_command
 from tests.services import delete_queues
@@ -38,14 +39,9 @@ def refuses_connections(port: int) -> bool:
         return True
 
 
-def accepted(settings: Settings, tenant: str) -> int:
-    """Operations of `tenant` whose command RabbitMQ confirmed (the ingress is past publishing)."""
-    with psycopg.connect(settings.database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM operations WHERE tenant_id = %s AND last_enqueued_at IS NOT NULL", (tenant,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
+def accepted(settings: Settings) -> int:
+    """Commands RabbitMQ confirmed on the test's private queue (the ingress is past publishing them)."""
+    return queue_depth(settings.amqp_url, settings.command_queue) or 0
 
 
 def queued(settings: Settings) -> int:
@@ -81,7 +77,7 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
             async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
                 requests = [asyncio.create_task(credit(session, i)) for i in range(IN_FLIGHT)]
                 deadline = time.monotonic() + 20
-                while await asyncio.to_thread(accepted, settings, tenant) < IN_FLIGHT:
+                while await asyncio.to_thread(accepted, private) < IN_FLIGHT:
                     assert time.monotonic() < deadline, "the requests were not all accepted"
                     await asyncio.sleep(0.05)
                 node.popen.send_signal(signal.SIGTERM)  # every request is now waiting for its settlement
@@ -109,7 +105,7 @@ def test_sigterm_on_a_worker_finishes_and_acknowledges_its_group(
     account = open_account(ledger, tenant)
     operation_id = new_id()
     command = Credit(tenant, account, Money.for_posting(777, "USD"))
-    ledger.accept(command, idempotency_key="sigterm-mid-group", operation_id=operation_id)
+    record_pending(ledger, command, "sigterm-mid-group", operation_id)
     try:
         with psycopg.connect(settings.database_url) as blocker:
             # Hold the account's row lock: the worker's group transaction starts, then waits inside it.

@@ -19,7 +19,7 @@ from core.domain.ids import new_id
 from core.domain.model import OverdraftPolicy
 from core.domain.money import Money
 from core.settings import Settings
-from tests.helpers import balance, credit, key, open_account
+from tests.helpers import balance, credit, key, open_account, record_pending
 from tests.integration.test_worker_failures import dead_letters, wait_for_lock_waiter, wait_until_settled
 from tests.processes import ManagedProcess, settings_env, worker_command
 from tests.services import delete_queues, private_queues
@@ -148,7 +148,7 @@ def test_a_worker_gives_up_on_a_poison_message_alone_and_settles_its_group(
     bad = (new_id(), key(), Credit(tenant, a, usd(1_000), metadata=poison))
     good = [(new_id(), key(), Credit(tenant, a, usd(n))) for n in range(1, 11)]
     for operation_id, k, command in [*good, bad]:
-        ledger.accept(command, idempotency_key=k, operation_id=operation_id)  # type: ignore[arg-type]
+        record_pending(ledger, command, k, operation_id)  # type: ignore[arg-type]
     try:
         publish(impatient, [*good[:5], bad, *good[5:]])  # queued before the worker starts: one group
         with ManagedProcess.start(worker_command(), env=settings_env(impatient), name="poison-worker") as worker:
@@ -172,7 +172,7 @@ def test_a_worker_killed_mid_group_leaves_every_command_to_settle_exactly_once(
     accounts = [open_account(ledger, tenant) for _ in range(5)]
     items = [(new_id(), key(), Credit(tenant, accounts[n % 5], usd(100 + n))) for n in range(40)]
     for operation_id, k, command in items:
-        ledger.accept(command, idempotency_key=k, operation_id=operation_id)  # type: ignore[arg-type]
+        record_pending(ledger, command, k, operation_id)  # type: ignore[arg-type]
     try:
         with psycopg.connect(settings.database_url) as blocker:
             # Hold one account's row: the worker's group transaction begins, then waits inside it.

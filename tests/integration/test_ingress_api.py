@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.application.commands import Credit
+from core.application.ports import Claim
 from core.bootstrap import LedgerService
 from core.cli import main as cli_main
 from core.domain.ids import external_account_id, new_id
@@ -23,6 +24,7 @@ from core.domain.money import Money
 from core.settings import Settings
 from ingress.app import init_app
 from ingress.context import INGRESS
+from tests.helpers import record_pending
 from tests.processes import ManagedProcess
 from tests.services import delete_queues, private_queues
 
@@ -401,8 +403,7 @@ def test_a_message_delivered_twice_settles_once(
     account = open_account(ledger, tenant)
     command = Credit(tenant, account, Money.for_posting(333, "USD"))
     operation_id = new_id()
-    accepted = ledger.accept(command, idempotency_key="twice", operation_id=operation_id)
-    assert accepted.status == "pending"
+    record_pending(ledger, command, "twice", operation_id)
     publisher = CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)
     try:
         for _ in range(3):
@@ -429,7 +430,7 @@ async def test_duplicate_while_the_first_is_still_publishing_is_told_to_retry(
     command = Credit(tenant, uuid.UUID(a), Money.for_posting(40, "USD"))
     operation_id = new_id()
     # Another node recorded the operation and is publishing it right now (not confirmed yet).
-    ledger.accept(command, idempotency_key="in-flight", operation_id=operation_id)
+    await api.app[INGRESS].records.record([Claim.for_command(command, "in-flight", operation_id)])  # type: ignore[index]
     response = await api.post("/v1/credits", json=body, headers=headers(api_key, "in-flight"))
     assert response.status == 409
     assert response.headers["Retry-After"] == "1"
@@ -437,7 +438,10 @@ async def test_duplicate_while_the_first_is_still_publishing_is_told_to_retry(
     # Once that publish is long overdue, its publisher is gone and the sweeper owns the operation: the
     # duplicate now gets the operation (202), never an id that could still be withdrawn.
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        conn.execute("UPDATE operations SET created_at = now() - interval '1 hour' WHERE id = %s", (operation_id,))
+        conn.execute(
+            "UPDATE idempotency_keys SET created_at = now() - interval '1 hour' WHERE operation_id = %s",
+            (operation_id,),
+        )
     response = await api.post("/v1/credits", json=body, headers=headers(api_key, "in-flight"))
     assert response.status == 202
     assert (await response.json())["id"] == str(operation_id)

@@ -14,7 +14,7 @@ from core.bootstrap import LedgerService
 from core.domain.ids import new_id
 from core.domain.money import Money
 from core.settings import Settings
-from tests.helpers import balance, open_account
+from tests.helpers import balance, open_account, record_pending
 from tests.processes import ManagedProcess, settings_env, worker_command
 from tests.services import delete_queues, private_queues
 from workers.redeliver import RedeliverySweeper
@@ -37,7 +37,7 @@ def test_an_accepted_command_that_never_reached_the_queue_is_redelivered(
     operation_id = new_id()
     command = Credit(tenant, account, Money.for_posting(1_234, "USD"))
     # The ingress recorded the operation, then died before publishing: nothing is on the queue.
-    ledger.accept(command, idempotency_key="lost-publish", operation_id=operation_id)
+    record_pending(ledger, command, "lost-publish", operation_id)
     time.sleep(0.3)
     assert wait_until_settled(ledger, tenant, operation_id, 0).status is OperationStatus.PENDING
 
@@ -57,8 +57,8 @@ def test_one_stored_request_that_no_longer_rebuilds_does_not_stop_the_sweep(
     account = open_account(ledger, tenant)
     broken, fine = new_id(), new_id()
     command = Credit(tenant, account, Money.for_posting(77, "USD"))
-    ledger.accept(command, idempotency_key="unreadable", operation_id=broken)
-    ledger.accept(command, idempotency_key="readable", operation_id=fine)
+    record_pending(ledger, command, "unreadable", broken)
+    record_pending(ledger, command, "readable", fine)
     with psycopg.connect(settings.database_url, autocommit=True) as db:
         # As a lossy JSONB round trip can leave it: the stored copy no longer makes a valid command.
         db.execute("UPDATE operations SET request = request || '{\"amount\": -1}' WHERE id = %s", (broken,))
@@ -87,7 +87,7 @@ def test_retries_exhausted_settle_as_processing_failed_and_dead_letter(
     account = open_account(ledger, tenant)
     operation_id = new_id()
     command = Credit(tenant, account, Money.for_posting(10, "USD"))
-    ledger.accept(command, idempotency_key="never-gets-the-lock", operation_id=operation_id)
+    record_pending(ledger, command, "never-gets-the-lock", operation_id)
     try:
         with (
             psycopg.connect(settings.database_url) as blocker,
@@ -130,7 +130,7 @@ def test_a_worker_killed_mid_posting_leaves_the_command_to_settle_exactly_once(
     account = open_account(ledger, tenant)
     operation_id = new_id()
     command = Credit(tenant, account, Money.for_posting(4_321, "USD"))
-    ledger.accept(command, idempotency_key="kill-9", operation_id=operation_id)
+    record_pending(ledger, command, "kill-9", operation_id)
     try:
         with psycopg.connect(settings.database_url) as blocker:
             # Hold the account's row lock: the worker's posting transaction starts, then waits inside it.

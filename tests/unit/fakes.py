@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import dataclasses
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from core.application.commands import Command
 from core.application.ports import (
     AccountRepository,
     Claim,
+    CommandQueue,
     Completion,
     Event,
     ExistingKey,
     IdempotencyStore,
     Ledger,
+    OperationRecords,
     Outbox,
     Posting,
+    QueuedKeys,
+    QueueUnavailable,
+    StoreUnavailable,
     UnitOfWork,
 )
 from core.application.views import OperationResult, OperationStatus
@@ -82,11 +90,6 @@ class FakeIdempotency(IdempotencyStore):
             fingerprint, _ = self.books.keys[(c.tenant_id, c.key)]
             self.books.keys[(c.tenant_id, c.key)] = (fingerprint, c.outcome)
 
-    def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
-        found = self.books.keys.get((tenant_id, key))
-        if found and found[1].operation_id == operation_id and not found[1].settled:
-            del self.books.keys[(tenant_id, key)]
-
 
 class FakeOutbox(Outbox):
     def __init__(self, books: Books) -> None:
@@ -117,3 +120,61 @@ class FakeUnitOfWork(UnitOfWork):
 
     def rollback(self) -> None:
         pass  # the working copy is simply dropped
+
+
+# --- the accept phase's ports (async) -------------------------------------------------------------------------
+class FakeOperationRecords(OperationRecords):
+    """Records in `books.keys`, like the real statement: one call per group, counted."""
+
+    def __init__(self, books: Books) -> None:
+        self.books = books
+        self.groups: list[int] = []  # size of each recorded group
+        self.down = False  # True: the store cannot be reached
+        self.refused: set[str] = set()  # keys whose claim the store refuses (as a bad row would be)
+        self.age_s = 0.0  # how old every existing key is reported to be, seconds
+
+    async def record(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
+        if self.down:
+            raise StoreUnavailable("PostgreSQL is down")
+        if any(c.key in self.refused for c in claims):
+            raise ValueError("the store refused a row")
+        self.groups.append(len(claims))
+        await asyncio.sleep(0)  # a round trip: other requests gather behind it
+        existing = FakeIdempotency(self.books).claim(claims)
+        return {k: dataclasses.replace(e, age_s=self.age_s) for k, e in existing.items()}
+
+    async def withdraw(self, claim: Claim) -> None:
+        if self.down:
+            raise StoreUnavailable("PostgreSQL is down")
+        found = self.books.keys.get((claim.tenant_id, claim.key))
+        if found and found[1].operation_id == claim.operation_id and not found[1].settled:
+            del self.books.keys[(claim.tenant_id, claim.key)]
+
+    async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
+        for (tenant, _), (_, operation) in self.books.keys.items():
+            if tenant == tenant_id and operation.operation_id == operation_id:
+                return operation
+        return None
+
+
+class FakeCommandQueue(CommandQueue):
+    def __init__(self) -> None:
+        self.published: list[tuple[UUID, str]] = []  # (operation id, idempotency key), in order
+        self.down = False
+
+    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
+        await asyncio.sleep(0)  # the confirm's round trip
+        if self.down:
+            raise QueueUnavailable("no confirm")
+        self.published.append((operation_id, idempotency_key))
+
+
+class FakeQueuedKeys(QueuedKeys):
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], UUID] = {}
+
+    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
+        self.keys[(tenant_id, key)] = operation_id
+
+    async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:
+        return self.keys.get((tenant_id, key))

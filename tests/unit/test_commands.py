@@ -23,7 +23,8 @@ from core.domain.model import OverdraftPolicy
 from core.domain.money import MAX_POSTING_AMOUNT, Money
 
 uuids = st.uuids()
-no_nul = st.characters(exclude_characters="\x00")  # PostgreSQL stores no U+0000: metadata refuses it
+# PostgreSQL stores no U+0000, and no lone surrogate has a UTF-8 form: metadata refuses both.
+no_nul = st.characters(exclude_characters="\x00", exclude_categories=["Cs"])
 metadata = st.dictionaries(
     st.text(no_nul, max_size=10), st.one_of(st.integers(), st.text(no_nul, max_size=20), st.booleans()), max_size=5
 )
@@ -95,6 +96,12 @@ def test_metadata_is_capped() -> None:
         Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {str(i): i for i in range(51)})
     with pytest.raises(MetadataInvalid):
         Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), {"f": float("nan")})
+
+
+@pytest.mark.parametrize("meta", [{"\ud800": 0}, {"k": "a\udfffb"}])
+def test_metadata_refuses_lone_surrogates(meta: dict[str, object]) -> None:
+    with pytest.raises(MetadataInvalid, match="surrogate"):
+        Credit("acme", uuid.uuid4(), Money.for_posting(1, "USD"), meta)
 
 
 @pytest.mark.parametrize(

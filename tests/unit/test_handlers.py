@@ -8,11 +8,12 @@ import pytest
 
 from core.application import handlers
 from core.application.commands import CreateAccount, Credit, Debit, Transfer
+from core.application.ports import Claim
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused, ProcessingFailed
 from core.domain.ids import external_account_id, new_id
 from core.domain.money import Money
-from tests.unit.fakes import Books, FakeUnitOfWork
+from tests.unit.fakes import Books, FakeIdempotency, FakeUnitOfWork
 
 
 @pytest.fixture
@@ -69,34 +70,24 @@ def test_key_reused_for_another_request_changes_nothing(books: Books) -> None:
     assert books.accounts[a].balance == 5
 
 
+def record_pending(books: Books, command: Credit, key: str, operation_id: UUID) -> None:
+    """As the ingress records a command before queueing it (see test_accept.py)."""
+    FakeIdempotency(books).claim([Claim.for_command(command, key, operation_id)])
+
+
 def test_accepted_operation_is_settled_by_the_worker_under_its_id(books: Books) -> None:
     a = open_account(books)
     command, op = Credit("acme", a, Money.for_posting(9, "USD")), new_id()
-    accepted = handlers.accept(command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=op)
-    assert (accepted.status, accepted.operation_id) == (OperationStatus.PENDING, op)
-    # A second ingress node sees the same pending operation.
-    again = handlers.accept(command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=new_id())
-    assert (again.operation_id, again.replayed) == (op, True)
+    record_pending(books, command, "q", op)
     settled = handlers.execute(command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=new_id())
     assert (settled.operation_id, settled.status) == (op, OperationStatus.SUCCEEDED)
     assert books.transactions[0][1] == op
 
 
-def test_abandon_forgets_only_a_pending_claim(books: Books) -> None:
-    a = open_account(books)
-    command, op = Credit("acme", a, Money.for_posting(9, "USD")), new_id()
-    handlers.accept(command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=op)
-    handlers.abandon("acme", uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=op)
-    assert ("acme", "q") not in books.keys
-    done = run(books, command, "q2")
-    handlers.abandon("acme", uow=FakeUnitOfWork(books), idempotency_key="q2", operation_id=done.operation_id)
-    assert books.keys[("acme", "q2")][1] == done
-
-
 def test_give_up_settles_pending_as_processing_failed_but_never_overrides_a_result(books: Books) -> None:
     a = open_account(books)
     command, op = Credit("acme", a, Money.for_posting(9, "USD")), new_id()
-    handlers.accept(command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=op)
+    record_pending(books, command, "q", op)
     failed = handlers.give_up(
         command, uow=FakeUnitOfWork(books), idempotency_key="q", operation_id=op, error=ProcessingFailed("tired")
     )

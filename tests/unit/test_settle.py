@@ -59,9 +59,7 @@ def test_each_command_sees_what_the_earlier_ones_of_its_group_left(books: Books,
     assert [tx.kind for tx, _ in books.transactions] == ["credit", "debit"]
 
 
-def test_a_key_twice_in_a_group_settles_once_and_a_reused_key_is_refused_alone(
-    books: Books, account: UUID
-) -> None:
+def test_a_key_twice_in_a_group_settles_once_and_a_reused_key_is_refused_alone(books: Books, account: UUID) -> None:
     credit = Credit("acme", account, usd(4))
     first, again, reused, other = settle(
         [

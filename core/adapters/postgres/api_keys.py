@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.application.ports import StoreUnavailable
 from core.domain.ids import new_id
@@ -50,14 +50,19 @@ def revoke_api_key(pool: ConnectionPool, key_id: UUID) -> bool:
         return cur.rowcount == 1
 
 
-def find_api_key(pool: ConnectionPool, secret: str) -> ApiKey | None:
+async def find_api_key(pool: AsyncConnectionPool, secret: str) -> ApiKey | None:
+    """The live key with this secret (the ingress, on its event loop). Raises `StoreUnavailable`."""
     if not secret.startswith(SECRET_PREFIX) or len(secret) > 200:
         return None
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT id, tenant_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-            (hash_secret(secret),),
-        ).fetchone()
+    try:
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id, tenant_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                (hash_secret(secret),),
+            )
+            row = await cursor.fetchone()
+    except psycopg.OperationalError as exc:  # the pool's timeout included
+        raise StoreUnavailable(f"PostgreSQL is unavailable: {type(exc).__name__}") from exc
     return ApiKey(row[0], row[1]) if row else None
 
 

@@ -6,7 +6,7 @@ import orjson
 from psycopg import Connection
 from psycopg.rows import TupleRow
 from psycopg.types.json import set_json_loads
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.settings import Settings
 
@@ -49,6 +49,23 @@ def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int 
         name="cleanledger",
     )
     pool.open(wait=True, timeout=30)
+    return pool
+
+
+async def open_async_pool(settings: Settings, *, max_size: int) -> AsyncConnectionPool:
+    """An asyncio pool for the ingress, in autocommit: each statement is its own transaction and commit (the
+    ingress writes one statement per group of requests and never holds a transaction open)."""
+    kwargs = connect_kwargs(settings)
+    kwargs["autocommit"] = True
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        settings.database_url,
+        min_size=min(2, max_size),
+        max_size=max_size,
+        kwargs=kwargs,
+        open=False,
+        name="cleanledger-async",
+    )
+    await pool.open(wait=True, timeout=30)
     return pool
 
 

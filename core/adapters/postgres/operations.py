@@ -1,41 +1,63 @@
-"""Queue bookkeeping of operations: when a command was confirmed by RabbitMQ, and which pending operations
-may never have reached it. Used by the ingress and the redelivery sweeper; the posting path never is."""
+"""Operations as the ingress sees them (async, on the event loop): recorded pending before their command is
+queued, withdrawn if the queue refused it, read back while pending or settled. And the redelivery sweeper's
+bookkeeping (sync): which pending operations may never have reached the queue."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg import Connection
 from psycopg.rows import TupleRow
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool
+
+from core.adapters.postgres.uow import CLAIM_KEYS, claims_json, existing_keys, operation_from_row, raise_translated
+from core.application.ports import Claim, ExistingKey, OperationRecords
+from core.application.views import OperationResult
+
+# Deletes a claim and its operation while still pending: once a worker settled it, the queue had it after all.
+WITHDRAW = (
+    "WITH gone AS (DELETE FROM idempotency_keys WHERE tenant_id = %s AND key = %s AND operation_id = %s"
+    " AND status = 'pending' RETURNING operation_id)"
+    " DELETE FROM operations WHERE id IN (SELECT operation_id FROM gone)"
+)
+FIND = (
+    "SELECT k.operation_id, k.status, k.response FROM idempotency_keys k WHERE k.operation_id = %s AND k.tenant_id = %s"
+)
 
 
-@dataclass(frozen=True, slots=True)
-class EnqueueState:
-    confirmed: bool  # RabbitMQ confirmed the command at least once
-    age_s: float  # seconds since the operation was recorded, by the database's clock
+class PostgresOperationRecords(OperationRecords):
+    """Each call is one autocommit statement on a pooled async connection: one round trip, one commit
+    (READ COMMITTED; the key's primary key is what makes a claim unique)."""
 
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
 
-def mark_enqueued(pool: ConnectionPool, operation_id: UUID) -> None:
-    """Record that RabbitMQ confirmed the operation's command (ingress, after the publish)."""
-    with pool.connection() as conn:
-        mark_enqueued_in(conn, operation_id)
+    async def record(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
+        rows = await self._fetch(CLAIM_KEYS, (claims_json(claims),))
+        return existing_keys(claims, rows)
 
+    async def withdraw(self, claim: Claim) -> None:
+        await self._fetch(WITHDRAW, (claim.tenant_id, claim.key, claim.operation_id), returns_rows=False)
 
-def enqueue_state(pool: ConnectionPool, tenant_id: str, operation_id: UUID) -> EnqueueState | None:
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT last_enqueued_at IS NOT NULL, extract(epoch FROM now() - created_at)::float8"
-            " FROM operations WHERE id = %s AND tenant_id = %s",
-            (operation_id, tenant_id),
-        ).fetchone()
-    return EnqueueState(row[0], row[1]) if row else None
+    async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
+        rows = await self._fetch(FIND, (operation_id, tenant_id))
+        return operation_from_row(*rows[0]) if rows else None
+
+    async def _fetch(self, sql: str, params: Sequence[Any], *, returns_rows: bool = True) -> list[tuple[Any, ...]]:
+        try:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(sql, params)
+                return await cursor.fetchall() if returns_rows else []
+        except psycopg.Error as exc:
+            raise_translated(exc)
+            raise
 
 
 def lock_stale_pending(conn: Connection[TupleRow], *, older_than_s: float, limit: int) -> list[tuple[UUID, str, Any]]:
-    """(operation id, idempotency key, request) of pending operations neither confirmed nor re-enqueued in the
+    """(operation id, idempotency key, request) of pending operations neither recorded nor re-queued in the
     last `older_than_s` seconds, locked for the caller's transaction (other sweepers skip them)."""
     return conn.execute(
         "SELECT o.id, k.key, o.request FROM idempotency_keys k JOIN operations o ON o.id = k.operation_id"
@@ -47,5 +69,5 @@ def lock_stale_pending(conn: Connection[TupleRow], *, older_than_s: float, limit
 
 
 def mark_enqueued_in(conn: Connection[TupleRow], operation_id: UUID) -> None:
-    """`mark_enqueued` inside the caller's transaction (the sweeper's)."""
+    """Record, in the sweeper's transaction, that it queued the operation's command again."""
     conn.execute("UPDATE operations SET last_enqueued_at = now() WHERE id = %s", (operation_id,))

@@ -218,50 +218,10 @@ class PostgresIdempotency(IdempotencyStore):
         self.conn = conn
 
     def claim(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
-        # One statement, one round trip, for the whole group, whether its keys are new (sync path) or were
-        # recorded by the ingress (queue path): the CTE inserts each new key and its operation, and the last
-        # SELECT returns the keys that already existed. It looks only for keys the insert did not take, so a
-        # fresh claim reads no index page (a SERIALIZABLE predicate lock there would make unrelated claims
-        # conflict). A concurrent claim of the same key makes the INSERT wait, then fail with 40001 once the
-        # other commits; the retry finds the key and replays. Two deliveries settling one pending key both
-        # update its row and lock the same accounts, so SERIALIZABLE lets only one of them commit.
-        rows = self.conn.execute(
-            "WITH input AS ("
-            "  SELECT * FROM json_to_recordset(%s::json)"
-            "  AS i(tenant text, key text, fp text, op uuid, type text, request jsonb)"
-            "), claimed AS ("
-            "  INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
-            "  SELECT tenant, key, fp, op FROM input ON CONFLICT DO NOTHING RETURNING tenant_id, key, operation_id"
-            "), recorded AS ("
-            "  INSERT INTO operations (id, tenant_id, command_type, request)"
-            "  SELECT i.op, i.tenant, i.type, i.request FROM input i JOIN claimed c ON c.operation_id = i.op"
-            ") SELECT k.tenant_id, k.key, k.fingerprint, k.operation_id, k.status, k.response"
-            " FROM input i JOIN idempotency_keys k ON k.tenant_id = i.tenant AND k.key = i.key"
-            " WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.tenant_id = i.tenant AND c.key = i.key)"
-            " UNION ALL SELECT tenant_id, key, NULL, NULL, NULL, NULL FROM claimed",
-            (
-                rows_json(
-                    [
-                        {
-                            "tenant": c.tenant_id,
-                            "key": c.key,
-                            "fp": c.fingerprint,
-                            "op": c.operation_id,
-                            "type": c.command_type,
-                            "request": c.request,
-                        }
-                        for c in claims
-                    ]
-                ),
-            ),
-        ).fetchall()
-        if len(rows) != len(claims):  # a conflicting claim rolled back while we waited on it
-            raise TransientConflict("idempotency key claim raced with a rollback")
-        return {
-            (tenant, key): ExistingKey(fp, operation_from_row(op_id, status, response))
-            for tenant, key, fp, op_id, status, response in rows
-            if fp is not None
-        }
+        # One statement, one round trip, for the whole group (see CLAIM_KEYS). Under SERIALIZABLE a concurrent
+        # claim of the same key makes the INSERT fail with 40001 once the other commits; the retry replays.
+        rows = self.conn.execute(CLAIM_KEYS, (claims_json(claims),)).fetchall()
+        return existing_keys(claims, rows)
 
     def complete(self, completions: Sequence[Completion]) -> None:
         self.conn.execute(
@@ -278,13 +238,63 @@ class PostgresIdempotency(IdempotencyStore):
             ),
         )
 
-    def release(self, tenant_id: str, key: str, operation_id: UUID) -> None:
-        self.conn.execute(
-            "WITH gone AS (DELETE FROM idempotency_keys WHERE tenant_id = %s AND key = %s AND operation_id = %s"
-            " AND status = 'pending' RETURNING operation_id)"
-            " DELETE FROM operations WHERE id IN (SELECT operation_id FROM gone)",
-            (tenant_id, key, operation_id),
-        )
+
+# Claims a group's (tenant, key)s in one statement, for the sync path, the queue path (keys the ingress
+# recorded) and the ingress itself. The CTE inserts each new key and its operation, and the last SELECT returns
+# the keys that already existed (with their age, for the ingress's in-flight answer). It looks only for keys
+# the insert did not take, so a fresh claim reads no index page (a SERIALIZABLE predicate lock there would make
+# unrelated claims conflict). A concurrent claim of the same key makes the INSERT wait; once the other commits,
+# the key is neither inserted nor (in this statement's snapshot) found, and `existing_keys` reports the race.
+# Two deliveries settling one pending key both update its row and lock the same accounts, so SERIALIZABLE
+# lets only one of them commit.
+CLAIM_KEYS = (
+    "WITH input AS ("
+    "  SELECT * FROM json_to_recordset(%s::json)"
+    "  AS i(tenant text, key text, fp text, op uuid, type text, request jsonb)"
+    "), claimed AS ("
+    "  INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
+    "  SELECT tenant, key, fp, op FROM input ON CONFLICT DO NOTHING RETURNING tenant_id, key, operation_id"
+    "), recorded AS ("
+    "  INSERT INTO operations (id, tenant_id, command_type, request)"
+    "  SELECT i.op, i.tenant, i.type, i.request FROM input i JOIN claimed c ON c.operation_id = i.op"
+    ") SELECT k.tenant_id, k.key, k.fingerprint, k.operation_id, k.status, k.response,"
+    "  extract(epoch FROM now() - k.created_at)::float8"
+    " FROM input i JOIN idempotency_keys k ON k.tenant_id = i.tenant AND k.key = i.key"
+    " WHERE NOT EXISTS (SELECT 1 FROM claimed c WHERE c.tenant_id = i.tenant AND c.key = i.key)"
+    " UNION ALL SELECT tenant_id, key, NULL, NULL, NULL, NULL, NULL FROM claimed"
+)
+
+
+def claims_json(claims: Sequence[Claim]) -> str:
+    return rows_json(
+        [
+            {
+                "tenant": c.tenant_id,
+                "key": c.key,
+                "fp": c.fingerprint,
+                "op": c.operation_id,
+                "type": c.command_type,
+                "request": c.request,
+            }
+            for c in claims
+        ]
+    )
+
+
+def existing_keys(claims: Sequence[Claim], rows: Sequence[Sequence[Any]]) -> dict[tuple[str, str], ExistingKey]:
+    """The keys `CLAIM_KEYS` found claimed by other operations; raises `TransientConflict` when a claim raced.
+
+    A key found still pending under the claim's own operation counts as claimed now: an earlier attempt of
+    this group took it and committed (in autocommit, a statement run again for a raced neighbour), or the
+    ingress recorded it for the worker that now settles it. Settled, it is always reported: it must replay."""
+    if len(rows) != len(claims):  # a conflicting claim committed or rolled back while we waited on it
+        raise TransientConflict("idempotency key claim raced with a concurrent claim")
+    ours = {(c.tenant_id, c.key): c.operation_id for c in claims}
+    return {
+        (tenant, key): ExistingKey(fp, operation_from_row(op_id, status, response), age_s=age)
+        for tenant, key, fp, op_id, status, response, age in rows
+        if fp is not None and not (op_id == ours[(tenant, key)] and status == "pending")
+    }
 
 
 class PostgresOutbox(Outbox):

@@ -1,9 +1,10 @@
 """Commands onto RabbitMQ, in Dramatiq's message format (the queue, its arguments and its dead-letter queue
 are Dramatiq's too), and read back by the group-commit consumer (`consumer.py`).
 
-Blocking (pika under Dramatiq's broker): the aiohttp ingress calls `publish` on its bounded thread pool,
-never on the event loop. Publisher confirms are on: `publish` returns only once RabbitMQ has taken
-responsibility for the (persistent) message, and raises `BrokerUnavailable` otherwise.
+Two publishers, both with publisher confirms (a publish returns only once RabbitMQ has taken responsibility
+for the persistent message): `AmqpCommandQueue` for the asyncio ingress, every request's confirm pipelined
+on one shared channel; and the blocking `CommandPublisher` (pika under Dramatiq's broker) for the
+redelivery sweeper and tests.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
+import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, QueueSpec
 from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command, command_from_json, validate_idempotency_key
+from core.application.ports import CommandQueue, QueueUnavailable
 from core.domain.errors import ValidationFailed
 
 # The actor name command messages carry (Dramatiq's message format; workers/consumer.py reads them).
 EXECUTE_ACTOR = "execute_command"
+# Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
+DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 # Bounds of one publish from an HTTP request, in seconds: connecting, and waiting out a blocked broker.
 CONNECT_TIMEOUT_S = 2.0
 BLOCKED_TIMEOUT_S = 5.0
@@ -95,7 +101,7 @@ def retry_delays_ms(*, max_retries: int, min_backoff_ms: int, max_backoff_ms: in
     return [min(max_backoff_ms, min_backoff_ms * 2**n) for n in range(max_retries)]
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(QueueUnavailable):
     """RabbitMQ did not confirm the message."""
 
 
@@ -132,3 +138,33 @@ class CommandPublisher:
 
     def close(self) -> None:
         self.broker.close()
+
+
+class AmqpCommandQueue(CommandQueue):
+    """The ingress's command queue: asyncio, confirms pipelined (`ConfirmingPublisher`). It declares the
+    queue and its dead-letter queue as the workers do, so a command never lands where no queue is."""
+
+    def __init__(self, amqp_url: str, *, queue_name: str) -> None:
+        self.queue_name = queue_name
+        self.publisher = ConfirmingPublisher(
+            amqp_url,
+            queues=[
+                QueueSpec(queue_name, main_queue_arguments(queue_name)),
+                QueueSpec(dead_letter_queue(queue_name), {"x-message-ttl": DEAD_LETTER_TTL_MS}),
+            ],
+        )
+
+    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
+        message = command_message(
+            queue_name=self.queue_name, operation_id=operation_id, idempotency_key=idempotency_key, command=command
+        )
+        properties = pika.BasicProperties(delivery_mode=2, message_id=str(operation_id))
+        try:
+            await self.publisher.publish(
+                exchange="", routing_key=self.queue_name, body=message.encode(), properties=properties
+            )
+        except PublishFailed as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self.publisher.close()

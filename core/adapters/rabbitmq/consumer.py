@@ -26,9 +26,15 @@ import pika.channel
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
-from core.adapters.rabbitmq.commands import ReplyTo, dead_letter_queue, main_queue_arguments, retry_queue
+from core.adapters.rabbitmq.commands import (
+    DEAD_LETTER_TTL_MS,
+    ReplyTo,
+    dead_letter_queue,
+    main_queue_arguments,
+    retry_queue,
+)
 from core.adapters.rabbitmq.connection import connection_parameters
-from core.adapters.rabbitmq.events import DEAD_LETTER_TTL_MS, declare_subscriber_queue
+from core.adapters.rabbitmq.events import declare_subscriber_queue
 from core.adapters.rabbitmq.requests import AUTHORIZATION_HEADER
 
 # Longest wait for a broker that blocks publishers while a retry is sent back, in seconds.

@@ -21,15 +21,13 @@ import pika
 import pika.exceptions
 import structlog
 
-from core.adapters.rabbitmq.commands import dead_letter_queue, main_queue_arguments
+from core.adapters.rabbitmq.commands import DEAD_LETTER_TTL_MS, dead_letter_queue, main_queue_arguments
 from core.adapters.rabbitmq.connection import connection_parameters
 from core.application.ports import Event
 from core.settings import Settings
 
 EVENTS_EXCHANGE = "ledger.events"
 POSITION_HEADER = "x-outbox-position"
-# Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
-DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 CONTENT_TYPE = "application/json"
 PERSISTENT = 2  # AMQP delivery_mode: written to disk by durable queues
 

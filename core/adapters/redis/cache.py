@@ -10,6 +10,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import redis
 import redis.asyncio
@@ -17,6 +18,7 @@ import structlog
 
 from core.adapters.redis.client import REDIS_ERRORS, describe
 from core.adapters.redis.keys import idempotency_key, result_key, settled_channel
+from core.application.ports import QueuedKeys
 
 log = structlog.get_logger(__name__)
 
@@ -70,6 +72,26 @@ class OperationCache:
             log.warning("cache.redis_unavailable", op=op, error=describe(exc))
             return None
         return raw if isinstance(raw, bytes) else None
+
+
+class RedisQueuedKeys(QueuedKeys):
+    """The keys whose command RabbitMQ confirmed, in the idempotency-key cache, kept `ttl_s` seconds."""
+
+    def __init__(self, cache: OperationCache, *, ttl_s: int) -> None:
+        self.cache = cache
+        self.ttl_s = ttl_s
+
+    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
+        await self.cache.remember_key(
+            tenant_id, key, operation_id=str(operation_id), fingerprint=fingerprint, ttl_s=self.ttl_s
+        )
+
+    async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:
+        cached = await self.cache.lookup_key(tenant_id, key)
+        try:
+            return UUID(cached.operation_id) if cached is not None else None
+        except ValueError:
+            return None
 
 
 class SettlementPublisher:
