@@ -69,18 +69,27 @@ def prefer_wait(request: web.Request, cap_s: int) -> int | None:
     return cap_s if len(digits) > 9 else min(int(digits or "0"), cap_s)
 
 
-async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
-    """The operation's document: Redis copy of a settled result first, PostgreSQL (the truth) otherwise."""
+async def cached_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
+    """The settled operation's document from Redis, when it is there (a worker caches it as it settles)."""
     cached = await ingress.cache.get_result(str(operation_id))
     if cached is not None and cached.get("tenant_id") == tenant_id and isinstance(cached.get("operation"), dict):
         document: dict[str, Any] = cached["operation"]
         return document
+    return None
+
+
+async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
+    """The operation's document: Redis copy of a settled result first, PostgreSQL (the truth) otherwise."""
+    cached = await cached_operation(ingress, tenant_id, operation_id)
+    if cached is not None:
+        return cached
     found = await ingress.records.find(tenant_id, operation_id)
     return operation_json(found) if found is not None else None
 
 
 async def settle_wait(ingress: Ingress, tenant_id: str, document: dict[str, Any], wait_s: int) -> dict[str, Any]:
-    """Wait up to `wait_s` for a pending operation to settle, woken by the worker's Redis notification."""
+    """Wait up to `wait_s` for a pending operation to settle, woken by the workers' Redis notification. While
+    notifications flow, only the Redis copy is looked at; PostgreSQL answers at the timeout, or when polling."""
     if document["status"] != "pending" or wait_s <= 0:
         return document
     operation_id = UUID(document["id"])
@@ -89,7 +98,10 @@ async def settle_wait(ingress: Ingress, tenant_id: str, document: dict[str, Any]
         latest = await current_operation(ingress, tenant_id, operation_id)
         return latest if latest is not None and latest["status"] != "pending" else None
 
-    settled = await ingress.waiter.wait(str(operation_id), float(wait_s), check=check)
+    async def peek() -> dict[str, Any] | None:
+        return await cached_operation(ingress, tenant_id, operation_id)
+
+    settled = await ingress.waiter.wait(str(operation_id), float(wait_s), check=check, peek=peek)
     return settled or document
 
 

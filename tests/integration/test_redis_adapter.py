@@ -33,7 +33,7 @@ from core.adapters.redis import (
 from core.adapters.redis import cache as cache_module
 from core.adapters.redis import rate_limit as rate_limit_module
 from core.adapters.redis import waiter as waiter_module
-from core.adapters.redis.keys import idempotency_key, rate_limit_key, result_key, settled_channel
+from core.adapters.redis.keys import SETTLED_CHANNEL, idempotency_key, rate_limit_key, result_key
 
 REDIS_URL = os.environ.get("CLEANLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLOSED_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connections are refused at once
@@ -101,17 +101,17 @@ async def assert_woken_by_settlement(
     assert time.monotonic() - started < 1
 
 
+def peeker(cache: OperationCache, op: str) -> Any:
+    return lambda: cache.get_result(op)
+
+
 async def numsub(client: redis.asyncio.Redis, channel: str) -> int:
     [(_, count)] = await client.pubsub_numsub(channel)
     return int(count)
 
 
-async def eventually_unsubscribed(client: redis.asyncio.Redis, channel: str) -> None:
-    for _ in range(100):
-        if await numsub(client, channel) == 0:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{channel} still has subscribers")
+def no_waiter_left(waiter: SettlementWaiter, *ops: str) -> None:
+    assert not any(op in waiter._waiters for op in ops), "a finished wait left its registration behind"
 
 
 # --- token bucket -----------------------------------------------------------------------------------------
@@ -259,14 +259,14 @@ async def test_waiter_is_woken_by_the_publish(
     task = asyncio.create_task(waiter.wait(op, 10, check=check))
     await asyncio.sleep(0.2)
     assert not task.done()
-    assert await numsub(client, settled_channel(op)) == 1
+    assert await numsub(client, SETTLED_CHANNEL) >= 1  # the node's one subscription, shared by every wait
     started = time.monotonic()
     await settle(publisher, op, {"operation_id": op, "status": "succeeded"})
     result = await asyncio.wait_for(task, 5)
     assert time.monotonic() - started < 1  # woken, well before the 10 s timeout
     assert result == {"operation_id": op, "status": "succeeded"}
-    assert calls == 2  # once after subscribing, once after the notification: no polling
-    await eventually_unsubscribed(client, settled_channel(op))
+    assert calls == 2  # once after registering, once after the notification: no polling
+    no_waiter_left(waiter, op)
 
 
 async def test_settlement_before_wait_is_seen_by_check(
@@ -279,7 +279,7 @@ async def test_settlement_before_wait_is_seen_by_check(
     result = await waiter.wait(op, 10, check=lambda: cache.get_result(op))
     assert time.monotonic() - started < 1
     assert result == {"operation_id": op, "status": "rejected"}
-    await eventually_unsubscribed(client, settled_channel(op))
+    no_waiter_left(waiter, op)
 
 
 async def test_concurrent_waiters_on_one_id_all_wake(
@@ -290,7 +290,6 @@ async def test_concurrent_waiters_on_one_id_all_wake(
     tasks = [asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op))) for _ in range(2)]
     bystander = asyncio.create_task(waiter.wait(other, 10, check=lambda: cache.get_result(other)))
     await asyncio.sleep(0.2)
-    assert await numsub(client, settled_channel(op)) == 1  # one shared connection, one subscription per id
     started = time.monotonic()
     await settle(publisher, op, {"operation_id": op})
     results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
@@ -299,8 +298,8 @@ async def test_concurrent_waiters_on_one_id_all_wake(
     assert not bystander.done()
     await settle(publisher, other, {"operation_id": other})
     assert await asyncio.wait_for(bystander, 5) == {"operation_id": other}
-    await eventually_unsubscribed(client, settled_channel(op))
-    await eventually_unsubscribed(client, settled_channel(other))
+    no_waiter_left(waiter, op)
+    no_waiter_left(waiter, other)
 
 
 async def test_many_waiters_on_different_ids(
@@ -322,6 +321,36 @@ async def test_many_waiters_on_different_ids(
     assert results == [{"operation_id": op} for op in ops]
 
 
+async def test_one_announcement_wakes_every_operation_of_its_group(
+    client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
+) -> None:
+    cache = OperationCache(client, ledger_id=LEDGER)
+    ops = [uid() for _ in range(20)]
+    tasks = [asyncio.create_task(waiter.wait(op, 10, check=never, peek=peeker(cache, op))) for op in ops]
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    # A worker's group: every result cached, then one PUBLISH naming them all.
+    await asyncio.to_thread(publisher.settled_many, [(op, {"operation_id": op}) for op in ops], ttl_s=60)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert time.monotonic() - started < 1
+    assert results == [{"operation_id": op} for op in ops]  # from the peek: `check` (PostgreSQL) never ran
+
+
+async def test_the_authoritative_check_decides_at_the_timeout(
+    client: redis.asyncio.Redis, waiter: SettlementWaiter
+) -> None:
+    op, checks = uid(), 0
+
+    async def check() -> dict[str, Any] | None:
+        nonlocal checks
+        checks += 1
+        return {"operation_id": op, "from": "postgres"}  # settled, though its announcement was lost
+
+    result = await waiter.wait(op, 0.3, check=check, peek=never)
+    assert (result, checks) == ({"operation_id": op, "from": "postgres"}, 1)
+    no_waiter_left(waiter, op)
+
+
 async def test_wait_times_out_with_none(client: redis.asyncio.Redis, waiter: SettlementWaiter) -> None:
     calls = 0
 
@@ -335,18 +364,18 @@ async def test_wait_times_out_with_none(client: redis.asyncio.Redis, waiter: Set
     assert await waiter.wait(op, 0.3, check=check) is None
     assert 0.3 <= time.monotonic() - started < 1.5
     assert calls == 2  # before waiting and at the timeout
-    await eventually_unsubscribed(client, settled_channel(op))
+    no_waiter_left(waiter, op)
 
 
-async def test_cancelled_wait_unsubscribes(client: redis.asyncio.Redis, waiter: SettlementWaiter) -> None:
+async def test_cancelled_wait_leaves_no_registration(client: redis.asyncio.Redis, waiter: SettlementWaiter) -> None:
     op = uid()
     task = asyncio.create_task(waiter.wait(op, 10, check=never))
     await asyncio.sleep(0.2)
-    assert await numsub(client, settled_channel(op)) == 1
+    assert await numsub(client, SETTLED_CHANNEL) >= 1  # the node's one subscription, shared by every wait
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await eventually_unsubscribed(client, settled_channel(op))
+    no_waiter_left(waiter, op)
 
 
 async def test_wait_polls_when_redis_is_down(dead_client: redis.asyncio.Redis) -> None:
@@ -381,10 +410,10 @@ async def test_waiter_recovers_when_its_connection_is_killed(
     client: redis.asyncio.Redis, publisher: SettlementPublisher
 ) -> None:
     waiter = SettlementWaiter(client, reconnect_initial_s=0.05)
-    await waiter.start()
+    before = {c["id"] for c in await client.client_list(_type="pubsub")}
+    await waiter.start()  # subscribes at once
     cache = OperationCache(client, ledger_id=LEDGER)
     try:
-        before = {c["id"] for c in await client.client_list(_type="pubsub")}
         op = uid()
         task = asyncio.create_task(waiter.wait(op, 10, check=lambda: cache.get_result(op)))
         await asyncio.sleep(0.2)

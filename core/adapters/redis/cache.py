@@ -17,7 +17,7 @@ import redis.asyncio
 import structlog
 
 from core.adapters.redis.client import REDIS_ERRORS, describe
-from core.adapters.redis.keys import idempotency_key, result_key, settled_channel
+from core.adapters.redis.keys import SETTLED_CHANNEL, SETTLED_SEPARATOR, idempotency_key, result_key
 from core.application.ports import QueuedKeys
 
 log = structlog.get_logger(__name__)
@@ -118,7 +118,8 @@ class SettlementPublisher:
             with self._client.pipeline(transaction=True) as pipe:
                 for operation_id, payload in payloads:
                     pipe.set(result_key(operation_id), payload, ex=ttl_s)
-                    pipe.publish(settled_channel(operation_id), operation_id)
+                # Cached first, announced after (MULTI/EXEC keeps the order): a woken waiter finds the result.
+                pipe.publish(SETTLED_CHANNEL, SETTLED_SEPARATOR.decode().join(op for op, _ in payloads))
                 pipe.execute()
         except REDIS_ERRORS as exc:
             log.warning("settlement.redis_unavailable", operations=len(settled), error=describe(exc))

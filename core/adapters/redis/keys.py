@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 
 RATE_LIMIT_PREFIX = "cleanledger:ratelimit:"
-SETTLED_PREFIX = "cleanledger:settled:"
+# Workers announce settled operations here: one message per committed group, its ids joined by the separator.
+SETTLED_CHANNEL = "cleanledger:settled"
+SETTLED_SEPARATOR = b","
 API_KEY_REVOKED_CHANNEL = "cleanledger:api-key-revoked"  # message: the revoked key's id
 
 
@@ -21,7 +23,3 @@ def result_key(operation_id: str) -> str:
 
 def rate_limit_key(bucket_id: str) -> str:
     return RATE_LIMIT_PREFIX + bucket_id
-
-
-def settled_channel(operation_id: str) -> str:
-    return SETTLED_PREFIX + operation_id
