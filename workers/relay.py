@@ -3,7 +3,7 @@
 One batch is one PostgreSQL transaction:
 
     SELECT ... FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT n FOR UPDATE SKIP LOCKED
-    publish each event and wait for the broker's confirm
+    publish them all, confirms pipelined, and wait until the broker confirmed every one
     UPDATE outbox SET published_at = now() WHERE position = ANY(...)
     COMMIT
 
@@ -101,7 +101,7 @@ class OutboxRelay:
         self,
         settings: Settings,
         *,
-        batch_size: int = 100,
+        batch_size: int = 500,
         poll_interval: float = 5.0,
         max_backoff: float = 30.0,
         publisher: EventPublisher | None = None,
@@ -134,8 +134,7 @@ class OutboxRelay:
                 rows = conn.execute(SELECT_BATCH, (self.batch_size,)).fetchall()
                 if not rows:
                     return 0
-                for row in rows:
-                    self.publisher.publish(event_from_row(row))
+                self.publisher.publish_batch([event_from_row(row) for row in rows])
                 conn.execute(MARK_PUBLISHED, ([row[0] for row in rows],))
         except psycopg.Error:
             if conn.broken or conn.closed:
@@ -269,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m workers.relay", description="Publish staged outbox events to RabbitMQ."
     )
-    parser.add_argument("--batch-size", type=int, default=100, help="events per transaction (default 100)")
+    parser.add_argument("--batch-size", type=int, default=500, help="events per transaction (default 500)")
     parser.add_argument(
         "--poll-interval",
         type=float,

@@ -18,7 +18,7 @@ import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, QueueSpec
+from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, durable_queue
 from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command, command_from_json, validate_idempotency_key
 from core.application.ports import CommandQueue, QueueUnavailable
@@ -148,9 +148,9 @@ class AmqpCommandQueue(CommandQueue):
         self.queue_name = queue_name
         self.publisher = ConfirmingPublisher(
             amqp_url,
-            queues=[
-                QueueSpec(queue_name, main_queue_arguments(queue_name)),
-                QueueSpec(dead_letter_queue(queue_name), {"x-message-ttl": DEAD_LETTER_TTL_MS}),
+            topology=[
+                durable_queue(queue_name, main_queue_arguments(queue_name)),
+                durable_queue(dead_letter_queue(queue_name), {"x-message-ttl": DEAD_LETTER_TTL_MS}),
             ],
         )
 

@@ -5,8 +5,9 @@ message at once and awaits only its own confirm, so a thousand concurrent publis
 latency each, not a thousand in a row: the broker acknowledges them in batches (`multiple=True`), and one
 ack frame wakes every caller it covers.
 
-Messages are published `mandatory`: one no queue takes comes back as `basic.return` before its ack, and its
-caller gets `PublishFailed` instead of a confirm for a message the broker dropped.
+Messages are published `mandatory` unless the caller says otherwise: one no queue takes comes back as
+`basic.return` before its ack, and its caller gets `PublishFailed` instead of a confirm for a message the
+broker dropped.
 
 The connection opens on first use and again after it was lost. While it is down, or when the broker blocks
 publishers (memory or disk alarm), a publish fails within its timeout: the caller answers 503 rather than hold
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pika
@@ -40,27 +40,42 @@ class PublishFailed(Exception):
     """The broker did not take the message: unreachable, closed on us, nacked, returned it, or timed out."""
 
 
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    """A durable queue to declare on every (re)connect, so a publish never lands on a missing queue."""
+# One step of the topology declared on every (re)connect, before the first publish on it: it calls a channel
+# method with `done` as its completion callback.
+Declaration = Callable[[Channel, Callable[[Any], None]], None]
 
-    name: str
-    arguments: dict[str, Any]
+
+def durable_queue(name: str, arguments: dict[str, Any] | None = None) -> Declaration:
+    return lambda channel, done: channel.queue_declare(name, durable=True, arguments=arguments, callback=done)
+
+
+def durable_exchange(name: str, kind: str) -> Declaration:
+    return lambda channel, done: channel.exchange_declare(name, exchange_type=kind, durable=True, callback=done)
+
+
+def binding(queue: str, exchange: str, routing_key: str) -> Declaration:
+    return lambda channel, done: channel.queue_bind(queue, exchange, routing_key=routing_key, callback=done)
 
 
 class ConfirmingPublisher:
     """A shared, pipelined, confirming AMQP publisher for one event loop.
 
     amqp_url: the broker; connection bounds come from `connection_parameters`.
-    queues: declared (durable) on every connect, before the first publish on it.
-    timeout_s: seconds a publish waits for its confirm (and a connect for the broker).
+    topology: declared in order on every connect, before the first publish on it.
+    timeout_s: seconds a publish waits for its confirm (connecting included).
+    connect_timeout_s: seconds the TCP and AMQP handshake may take.
     """
 
     def __init__(
-        self, amqp_url: str, *, queues: Sequence[QueueSpec] = (), timeout_s: float = PUBLISH_TIMEOUT_S
+        self,
+        amqp_url: str,
+        *,
+        topology: Sequence[Declaration] = (),
+        timeout_s: float = PUBLISH_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.parameters = connection_parameters(amqp_url, connect_timeout=CONNECT_TIMEOUT_S, blocked_timeout=timeout_s)
-        self.queues = tuple(queues)
+        self.parameters = connection_parameters(amqp_url, connect_timeout=connect_timeout_s, blocked_timeout=timeout_s)
+        self.topology = tuple(topology)
         self.timeout_s = timeout_s
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
@@ -74,8 +89,17 @@ class ConfirmingPublisher:
     def connected(self) -> bool:
         return self._channel is not None and self._channel.is_open
 
-    async def publish(self, *, exchange: str, routing_key: str, body: bytes, properties: pika.BasicProperties) -> None:
-        """Send one persistent message and wait for the broker to confirm it. Raises `PublishFailed`."""
+    async def publish(
+        self,
+        *,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        mandatory: bool = True,
+    ) -> None:
+        """Send one message and wait for the broker to confirm it. Raises `PublishFailed`, also when the message
+        is `mandatory` and no queue took it."""
         try:
             async with asyncio.timeout(self.timeout_s):
                 channel = await self._open_channel()
@@ -85,7 +109,7 @@ class ConfirmingPublisher:
                 if properties.message_id:
                     self._by_message_id[properties.message_id] = tag
                 try:
-                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
                     await confirmed
                 finally:
                     self._pending.pop(tag, None)
@@ -151,19 +175,16 @@ class ConfirmingPublisher:
         def on_channel(channel: Channel) -> None:
             channel.add_on_close_callback(self._on_channel_closed)
             channel.add_on_return_callback(self._on_return)
-            channel.confirm_delivery(self._on_confirm, callback=lambda _: declare(channel, list(self.queues)))
+            channel.confirm_delivery(self._on_confirm, callback=lambda _: declare(channel, list(self.topology)))
 
-        def declare(channel: Channel, queues: list[QueueSpec]) -> None:
-            if not queues:
+        def declare(channel: Channel, steps: list[Declaration]) -> None:
+            if not steps:
                 self._tags = itertools.count(1)  # delivery tags restart on every channel
                 self._channel = channel
                 if not opened.done():
                     opened.set_result(channel)
                 return
-            spec, rest = queues[0], queues[1:]
-            channel.queue_declare(
-                spec.name, durable=True, arguments=spec.arguments, callback=lambda _: declare(channel, rest)
-            )
+            steps[0](channel, lambda _: declare(channel, steps[1:]))
 
         def on_close(_: Any, error: BaseException) -> None:
             self._on_connection_closed(error)
