@@ -23,9 +23,8 @@ from core.application import group_commit, handlers
 from core.application.accept import Acceptance
 from core.application.commands import Command
 from core.application.group_commit import Outcome, Unsettled
-from core.application.ports import CommandQueue, OperationRecords
+from core.application.ports import CommandQueue, OperationRecords, Submission
 from core.application.retry import RetryPolicy
-from core.application.settle import Submission
 from core.application.views import OperationResult
 from core.application.webhooks import WebhookService
 from core.domain.errors import LedgerError

@@ -15,9 +15,8 @@ from core.adapters.postgres.migrate import migrate
 from core.adapters.postgres.verify import verify
 from core.adapters.rabbitmq.connection import queue_depth
 from core.adapters.redis.revocations import announce_revoked
-from core.application.ports import AuditUnavailable
+from core.application.ports import AuditUnavailable, Submission
 from core.application.replay import recorded_operations, replay
-from core.application.settle import Submission
 from core.application.views import OperationResult
 from core.bootstrap import audit_store, bootstrap
 from core.domain.errors import LedgerError

@@ -22,6 +22,7 @@ reply address with them and their secret left behind.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,8 @@ from core.adapters.rabbitmq.requests import ClientRequest, parse_request, reply_
 from core.adapters.redis.cache import SettlementPublisher
 from core.adapters.redis.client import sync_client
 from core.application.group_commit import Unsettled
-from core.application.ports import StoreUnavailable
+from core.application.ports import StoreUnavailable, Submission
 from core.application.requests import BODIES
-from core.application.settle import Submission
 from core.application.views import OperationResult, operation_json
 from core.bootstrap import LedgerService, bootstrap
 from core.domain.errors import LedgerError, ProcessingFailed, Unauthorized
@@ -68,6 +68,7 @@ class Verdicts:
 
     announce: list[tuple[str, OperationResult]] = field(default_factory=list)  # (tenant, outcome)
     dead_letter: list[int] = field(default_factory=list)  # delivery tags
+    dead_letter_copies: list[bytes] = field(default_factory=list)  # single commands out of batch messages
     refused: list[tuple[Delivery, LedgerError]] = field(default_factory=list)  # client messages, kept apart
     retry: list[tuple[bytes, int]] = field(default_factory=list)  # (message, attempt)
     replies: list[tuple[ReplyTo, dict[str, Any], bool]] = field(default_factory=list)  # (to, document, problem)
@@ -90,6 +91,7 @@ class Parsed:
     submission: Submission
     retries: int
     reply: ReplyTo | None
+    batched: bool = False  # one of the commands of a batch message (the message is acknowledged, never rejected)
 
 
 class CommandWorker:
@@ -149,6 +151,8 @@ class CommandWorker:
             self.consumer.retry_later(body, attempt=attempt)
         for tag in verdicts.dead_letter:
             self.consumer.dead_letter(tag)
+        for body in verdicts.dead_letter_copies:
+            self.consumer.dead_letter_copy(body)
         for delivery, error in verdicts.refused:
             self.consumer.refuse_request(delivery, code=error.code, reason=error.detail)
         # A multiple-ack must name a tag still outstanding: the last one not rejected above, if any.
@@ -178,7 +182,9 @@ class CommandWorker:
                 verdicts.retry.append((retry_message(p.document), p.retries + 1))
                 continue
             if isinstance(outcome, Unsettled):
-                if not p.delivery.from_client:
+                if p.batched:  # the others of its message settled: keep this one alone in the dead letters
+                    verdicts.dead_letter_copies.append(json.dumps(p.document, separators=(",", ":")).encode())
+                elif not p.delivery.from_client:
                     verdicts.dead_letter.append(p.delivery.tag)
                 try:
                     outcome = self._give_up(p.submission, p.retries)
@@ -216,13 +222,14 @@ class CommandWorker:
                         (delivery, parse_request(delivery.routing_key, delivery.properties, delivery.body), reply)
                     )
                     continue
-                document, queued = parse_command_message(delivery.body)
+                carried = parse_command_message(delivery.body)
             except LedgerError as exc:
                 log.warning("worker.message_invalid", code=exc.code, tag=delivery.tag, from_client=delivery.from_client)
                 verdicts.refuse(delivery, reply, exc)
                 continue
-            submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
-            parsed.append(Parsed(delivery, document, submission, queued.retries, queued.reply))
+            for document, queued in carried:
+                submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
+                parsed.append(Parsed(delivery, document, submission, queued.retries, queued.reply, len(carried) > 1))
         # One query authenticates every client message of the group; the tenant is the key's, never the body's.
         keys = find_api_keys(self.ledger.pool, {request.secret for _, request, _ in requests}) if requests else {}
         for delivery, request, reply in requests:

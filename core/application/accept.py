@@ -1,18 +1,18 @@
-"""The accept phase (Brandur Leach's "recovery points", in the ingress): record, queue, answer.
+"""The accept phase (Brandur Leach's "recovery points", in the ingress): record, queue, answer, in groups.
 
-1. Record the command as a pending operation under its (tenant, idempotency key). The records of concurrent
-   requests are written together, one statement and one commit per group (`GroupWriter`). A known key
-   answers its operation instead, or 422 when it belongs to a different request.
-2. Publish the command and wait for the queue's confirm (pipelined with every other request's).
-3. Answer 202 with the operation. There is no "mark enqueued" commit: the sweeper treats any operation
-   still pending after its grace period as possibly unqueued and publishes it again, which a worker
-   settles as a replay at worst.
+The requests that arrive while a group is in flight form the next group (`GroupWriter`), which then costs:
+1. one statement and one commit to record its commands as pending operations under their (tenant,
+   idempotency key)s; a known key answers its operation instead, or 422 when it belongs to another request;
+2. one message holding the new commands, and one publisher confirm (pipelined with other groups');
+3. one cache round trip noting them as queued, and each request is answered 202 with its operation.
+There is no "mark enqueued" commit: the sweeper treats any operation still pending after its grace period as
+possibly unqueued and publishes it again, which a worker settles as a replay at worst.
 
-If the queue does not confirm, the record is withdrawn and the client gets 503: nothing was accepted, and
-its retry with the same key starts afresh. (If even the withdrawal fails, the record stays and will settle
-through the sweeper, so the client gets its pending operation rather than an untrue 503.) If the process
-dies between 1 and 2, no 202 went out and the sweeper queues the recorded command later; either way an id
-that was answered always answers.
+If the queue does not confirm, the group's new records are withdrawn and their clients get 503: nothing was
+accepted, and a retry with the same key starts afresh. (If even the withdrawal fails, the records stay and
+will settle through the sweeper, so the clients get their pending operations rather than an untrue 503.) If
+the process dies between 1 and 2, no 202 went out and the sweeper queues the recorded commands later; either
+way an id that was answered always answers.
 
 A duplicate that finds its key pending while the first request may still be publishing (so the record
 could yet be withdrawn) gets the in-flight answer (409, retry shortly) rather than an id that could vanish.
@@ -74,7 +74,9 @@ class Acceptance:
         self.queue = queue
         self.queued_keys = queued_keys
         self.retry_after_s = retry_after_s
-        self._writer: GroupWriter[Claim, Recorded] = GroupWriter(self._record, max_group=max_group, writers=writers)
+        self._writer: GroupWriter[Claim, Recorded] = GroupWriter(
+            self._accept_group, max_group=max_group, writers=writers
+        )
 
     async def accept(self, command: Command, *, idempotency_key: str) -> OperationResult:
         """Accept a command for a worker: its pending operation (new), or the key's operation (`replayed`)."""
@@ -83,21 +85,29 @@ class Acceptance:
         existing = await self._writer.submit(claim)
         if existing is not None:
             return await self._known(claim, existing)
+        return OperationResult(claim.operation_id, OperationStatus.PENDING)
+
+    async def _accept_group(self, claims: Sequence[Claim]) -> list[Recorded | BaseException]:
+        """Record a group's claims (one statement), queue the new ones (one message, one confirm), note them
+        as queued (one cache round trip): a request's share of each is a fraction."""
+        recorded = await self._record(claims)
+        new = [claim for claim, answer in zip(claims, recorded, strict=True) if answer is None]
+        if not new:
+            return recorded
         try:
-            await self.queue.publish(operation_id=claim.operation_id, idempotency_key=idempotency_key, command=command)
+            await self.queue.publish(new)
         except QueueUnavailable as exc:
-            if not await self._withdrawn(claim):
-                # The record stays, so the operation will settle: the sweeper queues it once it is overdue.
-                return OperationResult(claim.operation_id, OperationStatus.PENDING)
-            raise ServiceUnavailable(
+            if not await self._withdrawn(new):
+                # The records stay, so the operations will settle: the sweeper queues them once overdue.
+                return recorded
+            refused = ServiceUnavailable(
                 "the command queue is unreachable; nothing was accepted, retry later with the same Idempotency-Key",
                 retry_after=self.retry_after_s,
                 reason=str(exc),
-            ) from None
-        await self.queued_keys.remember(
-            command.tenant_id, idempotency_key, operation_id=claim.operation_id, fingerprint=claim.fingerprint
-        )
-        return OperationResult(claim.operation_id, OperationStatus.PENDING)
+            )
+            return [refused if answer is None else answer for answer in recorded]
+        await self.queued_keys.remember(new)
+        return recorded
 
     async def close(self) -> None:
         await self._writer.close()
@@ -117,11 +127,11 @@ class Acceptance:
                 )
         return replace(operation, replayed=True)
 
-    async def _withdrawn(self, claim: Claim) -> bool:
+    async def _withdrawn(self, claims: list[Claim]) -> bool:
         try:
-            await self.records.withdraw(claim)
+            await self.records.withdraw(claims)
         except (StoreUnavailable, TransientConflict) as exc:
-            log.warning("accept.withdraw_failed", operation_id=str(claim.operation_id), error=str(exc))
+            log.warning("accept.withdraw_failed", operations=len(claims), error=str(exc))
             return False
         return True
 

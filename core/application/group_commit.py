@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from core.application.ports import StoreUnavailable, UnitOfWork
+from core.application.ports import StoreUnavailable, Submission, UnitOfWork
 from core.application.retry import RetryPolicy
-from core.application.settle import Clock, Settled, Submission, settle, utc_now
+from core.application.settle import Clock, Settled, settle, utc_now
 
 log = structlog.get_logger(__name__)
 

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from uuid import UUID
 
 from core.application.commands import Command
-from core.application.ports import Claim, Completion, UnitOfWork
+from core.application.ports import Claim, Completion, Submission, UnitOfWork
 from core.application.retry import RetryPolicy
-from core.application.settle import Clock, Operation, Submission, rejected_event, settle, utc_now
+from core.application.settle import Clock, Operation, rejected_event, settle, utc_now
 from core.application.views import OperationResult
 from core.domain.errors import IdempotencyKeyReused, LedgerError
 from core.domain.ids import new_id

@@ -46,6 +46,16 @@ class WriteSet:
 
 
 @dataclass(frozen=True, slots=True)
+class Submission:
+    """One command to settle under its idempotency key. `operation_id` names the operation if the key is new;
+    a key the ingress already recorded keeps the operation it was recorded with."""
+
+    command: Command
+    idempotency_key: str
+    operation_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
     """A request to claim one (tenant, idempotency key) for one operation."""
 
@@ -165,8 +175,8 @@ class OperationRecords(abc.ABC):
         `StoreUnavailable` when the store cannot be reached, `TransientConflict` when a claim raced."""
 
     @abc.abstractmethod
-    async def withdraw(self, claim: Claim) -> None:
-        """Forget a pending operation whose command never reached the queue (a no-op once it settled)."""
+    async def withdraw(self, claims: Sequence[Claim]) -> None:
+        """Forget pending operations whose commands never reached the queue (a no-op for any that settled)."""
 
     @abc.abstractmethod
     async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
@@ -181,9 +191,9 @@ class CommandQueue(abc.ABC):
     """Where accepted commands wait for a worker (RabbitMQ)."""
 
     @abc.abstractmethod
-    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
-        """Queue the command durably and return once the queue confirmed it; raises `QueueUnavailable`.
-        Concurrent calls are pipelined: each waits for its own confirm only."""
+    async def publish(self, claims: Sequence[Claim]) -> None:
+        """Queue the claims' commands durably, as one message, and return once the queue confirmed it; raises
+        `QueueUnavailable`. Concurrent calls are pipelined: each waits for its own confirm only."""
 
 
 class QueuedKeys(abc.ABC):
@@ -191,8 +201,8 @@ class QueuedKeys(abc.ABC):
     duplicate the in-flight answer: losing it costs a retry, never an operation."""
 
     @abc.abstractmethod
-    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
-        """Note that the key's command was confirmed; never raises."""
+    async def remember(self, claims: Sequence[Claim]) -> None:
+        """Note that the claims' commands were confirmed; never raises."""
 
     @abc.abstractmethod
     async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:

@@ -18,8 +18,7 @@ from uuid import UUID
 
 from core.application.commands import command_from_json
 from core.application.group_commit import Outcome, Unsettled
-from core.application.ports import AuditRecord
-from core.application.settle import Submission
+from core.application.ports import AuditRecord, Submission
 from core.application.views import OperationResult
 from core.domain.errors import LedgerError, ProcessingFailed
 

@@ -26,7 +26,7 @@ from core.application.commands import (
     PostingCommand,
     Transfer,
 )
-from core.application.ports import Claim, Completion, Event, Posting, UnitOfWork
+from core.application.ports import Claim, Completion, Event, Posting, Submission, UnitOfWork
 from core.application.views import OperationResult, account_json, transaction_json
 from core.domain.errors import (
     AccountExists,
@@ -44,16 +44,6 @@ log = structlog.get_logger(__name__)
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """One command to settle under its idempotency key. `operation_id` names the operation if the key is new;
-    a key the ingress already recorded keeps the operation it was recorded with."""
-
-    command: Command
-    idempotency_key: str
-    operation_id: UUID
 
 
 # What settling a submission gives: its operation's outcome, or the error that makes the request itself

@@ -11,7 +11,7 @@ from core.adapters.postgres.verify import verify
 from core.adapters.rabbitmq.commands import CommandPublisher
 from core.application.commands import CreateAccount, Credit, Debit, Transfer
 from core.application.group_commit import Unsettled
-from core.application.settle import Submission
+from core.application.ports import Submission
 from core.application.views import OperationResult, OperationStatus
 from core.bootstrap import LedgerService
 from core.domain.errors import IdempotencyKeyReused

@@ -9,7 +9,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from core.application.commands import Command
 from core.application.ports import (
     AccountRepository,
     Claim,
@@ -132,6 +131,7 @@ class FakeOperationRecords(OperationRecords):
         self.down = False  # True: the store cannot be reached
         self.refused: set[str] = set()  # keys whose claim the store refuses (as a bad row would be)
         self.age_s = 0.0  # how old every existing key is reported to be, seconds
+        self.down_for_withdrawals = False  # True: records work, withdrawals find the store down
 
     async def record(self, claims: Sequence[Claim]) -> dict[tuple[str, str], ExistingKey]:
         if self.down:
@@ -143,12 +143,13 @@ class FakeOperationRecords(OperationRecords):
         existing = FakeIdempotency(self.books).claim(claims)
         return {k: dataclasses.replace(e, age_s=self.age_s) for k, e in existing.items()}
 
-    async def withdraw(self, claim: Claim) -> None:
-        if self.down:
+    async def withdraw(self, claims: Sequence[Claim]) -> None:
+        if self.down or self.down_for_withdrawals:
             raise StoreUnavailable("PostgreSQL is down")
-        found = self.books.keys.get((claim.tenant_id, claim.key))
-        if found and found[1].operation_id == claim.operation_id and not found[1].settled:
-            del self.books.keys[(claim.tenant_id, claim.key)]
+        for claim in claims:
+            found = self.books.keys.get((claim.tenant_id, claim.key))
+            if found and found[1].operation_id == claim.operation_id and not found[1].settled:
+                del self.books.keys[(claim.tenant_id, claim.key)]
 
     async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
         for (tenant, _), (_, operation) in self.books.keys.items():
@@ -159,22 +160,27 @@ class FakeOperationRecords(OperationRecords):
 
 class FakeCommandQueue(CommandQueue):
     def __init__(self) -> None:
-        self.published: list[tuple[UUID, str]] = []  # (operation id, idempotency key), in order
+        self.messages: list[list[tuple[UUID, str]]] = []  # each message's (operation id, idempotency key)s
         self.down = False
 
-    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
+    @property
+    def published(self) -> list[tuple[UUID, str]]:
+        return [command for message in self.messages for command in message]
+
+    async def publish(self, claims: Sequence[Claim]) -> None:
         await asyncio.sleep(0)  # the confirm's round trip
         if self.down:
             raise QueueUnavailable("no confirm")
-        self.published.append((operation_id, idempotency_key))
+        self.messages.append([(c.operation_id, c.key) for c in claims])
 
 
 class FakeQueuedKeys(QueuedKeys):
     def __init__(self) -> None:
         self.keys: dict[tuple[str, str], UUID] = {}
 
-    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
-        self.keys[(tenant_id, key)] = operation_id
+    async def remember(self, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            self.keys[(claim.tenant_id, claim.key)] = claim.operation_id
 
     async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:
         return self.keys.get((tenant_id, key))

@@ -47,13 +47,14 @@ async def test_a_new_command_is_recorded_then_queued_then_pending(f: Fixture) ->
     assert f.queued_keys.keys[("acme", "k1")] == accepted.operation_id
 
 
-async def test_concurrent_requests_share_record_statements(f: Fixture) -> None:
+async def test_concurrent_requests_share_record_statements_and_messages(f: Fixture) -> None:
     answers = await asyncio.gather(*(f.acceptance.accept(credit(n + 1), idempotency_key=f"k{n}") for n in range(200)))
     assert len({a.operation_id for a in answers}) == 200
     assert sum(f.records.groups) == 200
     assert len(f.records.groups) < 20, f.records.groups  # grouped, not one statement per request
     assert max(f.records.groups) <= 64  # max_group
-    assert len(f.queue.published) == 200
+    assert [len(m) for m in f.queue.messages] == f.records.groups  # one message per group
+    assert sorted(op for op, _ in f.queue.published) == sorted(a.operation_id for a in answers)
 
 
 async def test_a_duplicate_after_the_confirm_gets_the_same_operation(f: Fixture) -> None:
@@ -64,16 +65,26 @@ async def test_a_duplicate_after_the_confirm_gets_the_same_operation(f: Fixture)
     assert len(f.queue.published) == 1
 
 
-async def test_a_duplicate_in_the_same_group_gets_the_in_flight_answer(f: Fixture) -> None:
+async def test_a_duplicate_in_the_same_group_gets_the_operation_once_queued(f: Fixture) -> None:
+    command = credit()
+    first, second = await asyncio.gather(
+        f.acceptance.accept(command, idempotency_key="k"), f.acceptance.accept(command, idempotency_key="k")
+    )
+    assert (first.replayed, second.replayed, second.operation_id) == (False, True, first.operation_id)
+    assert len(f.queue.published) == 1
+
+
+async def test_a_duplicate_in_a_group_whose_publish_failed_gets_the_in_flight_answer(f: Fixture) -> None:
+    f.records.down_for_withdrawals = True  # the record cannot be withdrawn: it stays pending, unqueued
+    f.queue.down = True
     command = credit()
     first, second = await asyncio.gather(
         f.acceptance.accept(command, idempotency_key="k"),
         f.acceptance.accept(command, idempotency_key="k"),
         return_exceptions=True,
     )
-    assert not isinstance(first, BaseException) and first.status is OperationStatus.PENDING
+    assert not isinstance(first, BaseException) and first.status is OperationStatus.PENDING  # the sweeper's now
     assert isinstance(second, IdempotencyKeyInUse) and second.extensions["retry_after"] == 1
-    assert len(f.queue.published) == 1
 
 
 async def test_an_unconfirmed_pending_key_is_in_flight_until_its_grace_period_ends(f: Fixture) -> None:
@@ -106,13 +117,8 @@ async def test_an_unconfirmed_publish_withdraws_the_record_and_answers_503(f: Fi
 
 
 async def test_a_record_that_cannot_be_withdrawn_is_answered_pending_not_503(f: Fixture) -> None:
-    class DiesWithTheStore(FakeCommandQueue):
-        async def publish(self, **kwargs: object) -> None:
-            f.records.down = True  # PostgreSQL goes too, before the withdrawal
-            self.down = True
-            await super().publish(**kwargs)  # type: ignore[arg-type]
-
-    f.acceptance.queue = DiesWithTheStore()
+    f.queue.down = True
+    f.records.down_for_withdrawals = True  # PostgreSQL went too, after the record
     accepted = await f.acceptance.accept(credit(), idempotency_key="k")
     assert accepted.status is OperationStatus.PENDING  # the sweeper will queue it: it settles
     assert f.books.keys[("acme", "k")][1].operation_id == accepted.operation_id

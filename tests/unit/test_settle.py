@@ -9,9 +9,9 @@ import pytest
 
 from core.application.commands import Command, CreateAccount, Credit, Debit
 from core.application.group_commit import Unsettled, settle_group
-from core.application.ports import Posting, StoreUnavailable
+from core.application.ports import Posting, StoreUnavailable, Submission
 from core.application.retry import RetryPolicy
-from core.application.settle import Submission, settle
+from core.application.settle import settle
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused
 from core.domain.ids import new_id

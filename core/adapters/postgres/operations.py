@@ -13,14 +13,22 @@ from psycopg import Connection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from core.adapters.postgres.uow import CLAIM_KEYS, claims_json, existing_keys, operation_from_row, raise_translated
+from core.adapters.postgres.uow import (
+    CLAIM_KEYS,
+    claims_json,
+    existing_keys,
+    operation_from_row,
+    raise_translated,
+    rows_json,
+)
 from core.application.ports import Claim, ExistingKey, OperationRecords
 from core.application.views import OperationResult
 
-# Deletes a claim and its operation while still pending: once a worker settled it, the queue had it after all.
+# Deletes claims and their operations while still pending: one a worker settled was queued after all.
 WITHDRAW = (
-    "WITH gone AS (DELETE FROM idempotency_keys WHERE tenant_id = %s AND key = %s AND operation_id = %s"
-    " AND status = 'pending' RETURNING operation_id)"
+    "WITH gone AS (DELETE FROM idempotency_keys k USING json_to_recordset(%s::json) AS w(t text, k text, op uuid)"
+    " WHERE k.tenant_id = w.t AND k.key = w.k AND k.operation_id = w.op AND k.status = 'pending'"
+    " RETURNING k.operation_id)"
     " DELETE FROM operations WHERE id IN (SELECT operation_id FROM gone)"
 )
 FIND = (
@@ -39,8 +47,9 @@ class PostgresOperationRecords(OperationRecords):
         rows = await self._fetch(CLAIM_KEYS, (claims_json(claims),))
         return existing_keys(claims, rows)
 
-    async def withdraw(self, claim: Claim) -> None:
-        await self._fetch(WITHDRAW, (claim.tenant_id, claim.key, claim.operation_id), returns_rows=False)
+    async def withdraw(self, claims: Sequence[Claim]) -> None:
+        withdrawn = rows_json([{"t": c.tenant_id, "k": c.key, "op": c.operation_id} for c in claims])
+        await self._fetch(WITHDRAW, (withdrawn,), returns_rows=False)
 
     async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
         rows = await self._fetch(FIND, (operation_id, tenant_id))

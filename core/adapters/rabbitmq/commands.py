@@ -10,6 +10,7 @@ redelivery sweeper and tests.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -21,11 +22,15 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, durable_queue
 from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command, command_from_json, validate_idempotency_key
-from core.application.ports import CommandQueue, QueueUnavailable
+from core.application.ports import Claim, CommandQueue, QueueUnavailable
 from core.domain.errors import ValidationFailed
 
-# The actor name command messages carry (Dramatiq's message format; workers/consumer.py reads them).
+# The actor names command messages carry (Dramatiq's message format; workers/consumer.py reads them): one
+# command, or a batch (the commands one ingress accepted together, published as one message).
 EXECUTE_ACTOR = "execute_command"
+EXECUTE_BATCH_ACTOR = "execute_commands"
+# Header of a batch message: how many commands it carries (a worker's group counts commands, not messages).
+COMMANDS_HEADER = "x-commands"
 # Dramatiq's: dead letters are kept this long, in milliseconds (7 days), then dropped by RabbitMQ.
 DEAD_LETTER_TTL_MS = 7 * 24 * 3600 * 1000
 # Bounds of one publish from an HTTP request, in seconds: connecting, and waiting out a blocked broker.
@@ -52,26 +57,40 @@ class QueuedCommand:
     reply: ReplyTo | None  # a direct AMQP producer's, carried along through retries
 
 
-def parse_command_message(body: bytes) -> tuple[dict[str, Any], QueuedCommand]:
-    """The message's JSON document and the command it carries; `ValidationFailed` when it is not one."""
+def parse_command_message(body: bytes) -> list[tuple[dict[str, Any], QueuedCommand]]:
+    """The commands a message carries, each with the single-command message a retry of it sends on: one for
+    an `execute_command` message, many for an `execute_commands` batch. `ValidationFailed` when the message
+    is not one of them; a batch is refused whole."""
     try:
         document = json.loads(body)
-        kwargs = document["kwargs"]
         options = document.get("options", {})
         retries = options.get("retries", 0)
         if type(retries) is not int or retries < 0:
             raise ValueError("options.retries must be a non-negative integer")
         reply_to, correlation_id = options.get("reply_to"), options.get("correlation_id")
-        queued = QueuedCommand(
-            UUID(kwargs["operation_id"]),
-            validate_idempotency_key(kwargs["idempotency_key"]),
-            command_from_json(kwargs["command"]),
-            retries,
-            ReplyTo(str(reply_to), None if correlation_id is None else str(correlation_id)) if reply_to else None,
-        )
+        reply = ReplyTo(str(reply_to), None if correlation_id is None else str(correlation_id)) if reply_to else None
+        if document.get("actor_name") == EXECUTE_BATCH_ACTOR:
+            items = document["kwargs"]["commands"]
+            if not isinstance(items, list) or not items:
+                raise ValueError("kwargs.commands must be a non-empty list")
+            single = {k: v for k, v in document.items() if k != "kwargs"} | {"actor_name": EXECUTE_ACTOR}
+            return [
+                (single | {"kwargs": item, "message_id": item["operation_id"]}, _queued(item, 0, None))
+                for item in items
+            ]
+        return [(document, _queued(document["kwargs"], retries, reply))]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValidationFailed(f"not a command message: {exc}") from None
-    return document, queued
+
+
+def _queued(kwargs: dict[str, Any], retries: int, reply: ReplyTo | None) -> QueuedCommand:
+    return QueuedCommand(
+        UUID(kwargs["operation_id"]),
+        validate_idempotency_key(kwargs["idempotency_key"]),
+        command_from_json(kwargs["command"]),
+        retries,
+        reply,
+    )
 
 
 def retry_message(document: dict[str, Any]) -> bytes:
@@ -119,6 +138,23 @@ def command_message(
     )
 
 
+def command_batch_message(*, queue_name: str, claims: Sequence[Claim]) -> dramatiq.Message[Any]:
+    """One message for the commands of many claims (each later settled, retried or given up on its own by the
+    workers), in the JSON form they were recorded with."""
+    return dramatiq.Message(
+        queue_name=queue_name,
+        actor_name=EXECUTE_BATCH_ACTOR,
+        args=(),
+        kwargs={
+            "commands": [
+                {"operation_id": str(c.operation_id), "idempotency_key": c.key, "command": c.request} for c in claims
+            ]
+        },
+        options={},
+        message_id=str(claims[0].operation_id),
+    )
+
+
 class CommandPublisher:
     def __init__(self, amqp_url: str, *, queue_name: str) -> None:
         self.queue_name = queue_name
@@ -154,11 +190,11 @@ class AmqpCommandQueue(CommandQueue):
             ],
         )
 
-    async def publish(self, *, operation_id: UUID, idempotency_key: str, command: Command) -> None:
-        message = command_message(
-            queue_name=self.queue_name, operation_id=operation_id, idempotency_key=idempotency_key, command=command
+    async def publish(self, claims: Sequence[Claim]) -> None:
+        message = command_batch_message(queue_name=self.queue_name, claims=claims)
+        properties = pika.BasicProperties(
+            delivery_mode=2, message_id=message.message_id, headers={COMMANDS_HEADER: len(claims)}
         )
-        properties = pika.BasicProperties(delivery_mode=2, message_id=str(operation_id))
         try:
             await self.publisher.publish(
                 exchange="", routing_key=self.queue_name, body=message.encode(), properties=properties

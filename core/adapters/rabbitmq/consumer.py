@@ -27,6 +27,7 @@ import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel
 
 from core.adapters.rabbitmq.commands import (
+    COMMANDS_HEADER,
     DEAD_LETTER_TTL_MS,
     ReplyTo,
     dead_letter_queue,
@@ -54,6 +55,12 @@ class Delivery:
     routing_key: str
     properties: pika.spec.BasicProperties
 
+    @property
+    def commands(self) -> int:
+        """How many commands the message carries, as its batch header says (1 without one)."""
+        count = (self.properties.headers or {}).get(COMMANDS_HEADER, 1)
+        return count if type(count) is int and count > 0 else 1
+
 
 class GroupConsumer(abc.ABC):
     """One blocking connection and one channel (publisher confirms on), read in groups: subclasses declare
@@ -67,6 +74,7 @@ class GroupConsumer(abc.ABC):
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
         self._received: deque[Delivery] = deque()
+        self._received_commands = 0  # the commands those deliveries carry
         self._cancelled = False
 
     @abc.abstractmethod
@@ -82,11 +90,11 @@ class GroupConsumer(abc.ABC):
             properties: pika.spec.BasicProperties,
             body: bytes,
         ) -> None:
-            self._received.append(
-                Delivery(
-                    method.delivery_tag, body, bool(method.redelivered), from_client, method.routing_key, properties
-                )
+            delivery = Delivery(
+                method.delivery_tag, body, bool(method.redelivered), from_client, method.routing_key, properties
             )
+            self._received.append(delivery)
+            self._received_commands += delivery.commands
 
         channel.basic_consume(queue, on_message)
 
@@ -94,6 +102,7 @@ class GroupConsumer(abc.ABC):
         """Connect, declare the queues and start consuming."""
         self.close()
         self._received.clear()  # their tags died with the old channel; RabbitMQ redelivers them
+        self._received_commands = 0
         self._cancelled = False
         connection = self._connection = pika.BlockingConnection(self._parameters)
         channel = self._channel = connection.channel()
@@ -110,8 +119,9 @@ class GroupConsumer(abc.ABC):
         self._cancelled = True
 
     def next_group(self, *, timeout_s: float) -> list[Delivery]:
-        """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most
-        `group_max`, in delivery order. Empty when nothing came."""
+        """Wait up to `timeout_s` for a first message, then up to `group_wait_s` for more; at most `group_max`
+        commands (a batch message counts its commands, and is never split; one larger than that comes alone),
+        in delivery order. Empty when nothing came."""
         connection = self._require_connection()
         deadline = time.monotonic() + timeout_s
         while not self._received and (remaining := deadline - time.monotonic()) > 0:
@@ -121,9 +131,19 @@ class GroupConsumer(abc.ABC):
         if not self._received:
             return []
         deadline = time.monotonic() + self.group_wait_s
-        while len(self._received) < self.group_max and (remaining := deadline - time.monotonic()) > 0:
+        while self._commands_waiting() < self.group_max and (remaining := deadline - time.monotonic()) > 0:
             connection.process_data_events(time_limit=remaining)
-        return [self._received.popleft() for _ in range(min(self.group_max, len(self._received)))]
+        group: list[Delivery] = []
+        commands = 0
+        while self._received and (not group or commands + self._received[0].commands <= self.group_max):
+            delivery = self._received.popleft()
+            group.append(delivery)
+            commands += delivery.commands
+        self._received_commands -= commands
+        return group
+
+    def _commands_waiting(self) -> int:
+        return self._received_commands
 
     def dead_letter(self, tag: int) -> None:
         """Reject one message for good: RabbitMQ moves it to the dead-letter queue."""
@@ -227,6 +247,17 @@ class CommandConsumer(GroupConsumer):
         content_type = "application/problem+json" if problem else "application/json"
         properties = pika.BasicProperties(content_type=content_type, correlation_id=reply.correlation_id)
         self._replies.basic_publish("", reply.queue, body, properties)
+
+    def dead_letter_copy(self, body: bytes) -> None:
+        """Keep one command of a batch message in the dead-letter queue (the batch itself is acknowledged, since
+        its other commands settled); confirmed."""
+        self._require_channel().basic_publish(
+            "",
+            dead_letter_queue(self.queue_name),
+            body,
+            pika.BasicProperties(delivery_mode=pika.DeliveryMode.Persistent, content_type="application/json"),
+            mandatory=True,
+        )
 
     def refuse_request(self, delivery: Delivery, *, code: str, reason: str) -> None:
         """Keep a refused client message in `<request queue>.XQ` with why, minus its secret; confirmed (the

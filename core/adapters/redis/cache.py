@@ -18,7 +18,7 @@ import structlog
 
 from core.adapters.redis.client import REDIS_ERRORS, describe
 from core.adapters.redis.keys import SETTLED_CHANNEL, SETTLED_SEPARATOR, idempotency_key, result_key
-from core.application.ports import QueuedKeys
+from core.application.ports import Claim, QueuedKeys
 
 log = structlog.get_logger(__name__)
 
@@ -39,11 +39,20 @@ class OperationCache:
 
     async def remember_key(self, tenant_id: str, key: str, *, operation_id: str, fingerprint: str, ttl_s: int) -> None:
         """Remember which operation an idempotency key belongs to, for `ttl_s` seconds (overwrites)."""
-        value = json.dumps({"operation_id": operation_id, "fingerprint": fingerprint}, separators=(",", ":"))
+        await self.remember_keys([(tenant_id, key, operation_id, fingerprint)], ttl_s=ttl_s)
+
+    async def remember_keys(self, keys: Sequence[tuple[str, str, str, str]], *, ttl_s: int) -> None:
+        """`remember_key` for many (tenant, key, operation id, fingerprint), in one round trip."""
         try:
-            await self._client.set(idempotency_key(self._ledger_id, tenant_id, key), value, ex=ttl_s)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for tenant_id, key, operation_id, fingerprint in keys:
+                    value = json.dumps(
+                        {"operation_id": operation_id, "fingerprint": fingerprint}, separators=(",", ":")
+                    )
+                    pipe.set(idempotency_key(self._ledger_id, tenant_id, key), value, ex=ttl_s)
+                await pipe.execute()
         except REDIS_ERRORS as exc:
-            log.warning("cache.redis_unavailable", op="remember_key", tenant_id=tenant_id, error=describe(exc))
+            log.warning("cache.redis_unavailable", op="remember_key", keys=len(keys), error=describe(exc))
 
     async def lookup_key(self, tenant_id: str, key: str) -> CachedKey | None:
         raw = await self._get(idempotency_key(self._ledger_id, tenant_id, key), op="lookup_key")
@@ -81,9 +90,9 @@ class RedisQueuedKeys(QueuedKeys):
         self.cache = cache
         self.ttl_s = ttl_s
 
-    async def remember(self, tenant_id: str, key: str, *, operation_id: UUID, fingerprint: str) -> None:
-        await self.cache.remember_key(
-            tenant_id, key, operation_id=str(operation_id), fingerprint=fingerprint, ttl_s=self.ttl_s
+    async def remember(self, claims: Sequence[Claim]) -> None:
+        await self.cache.remember_keys(
+            [(c.tenant_id, c.key, str(c.operation_id), c.fingerprint) for c in claims], ttl_s=self.ttl_s
         )
 
     async def queued_operation(self, tenant_id: str, key: str) -> UUID | None:
