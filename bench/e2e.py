@@ -17,8 +17,10 @@ in flight, against the plain-SQL baseline measured with as many clients in the s
    Idempotency-Key. Cases: `uniform` (transfers between random accounts), `hot-credit` (credits to random
    accounts: all of them write the tenant's one external account), `hot-transfer` (transfers all into one
    account). Modes: `wait` (`Prefer: wait=10`: a 201/200 answer is the settled outcome) and `accept` (no wait:
-   202, settled later by the workers). After the load, the script waits up to `--drain-seconds` until the
-   database holds no pending operation of the phase.
+   202, settled later by the workers). After each `wait` phase comes `wait-paced`: the same requests sent open
+   loop at `--paced-fraction` (0.5) of the settled/s just measured, its latency counted from when each request
+   was due. After the load, the script waits up to `--drain-seconds` until the database holds no pending
+   operation of the phase.
    Reported: accepted/s (2xx answers over the load window), settled/s (operations of the phase over the time from
    its start to the last settlement, from the database), POST latency p50/p99, accept-to-settled p50/p99
    (idempotency_keys.settled_at - created_at), answers that were not 2xx by status, and CPU milliseconds per
@@ -425,36 +427,70 @@ def settled_answer(raw: bytes) -> bool:
 
 
 async def generate(
-    session: aiohttp.ClientSession, case: str, ids: list[str], *, prefix: str, wait: bool, in_flight: int, seconds: int
+    session: aiohttp.ClientSession,
+    case: str,
+    ids: list[str],
+    *,
+    prefix: str,
+    wait: bool,
+    in_flight: int,
+    seconds: int,
+    rate: float | None = None,
 ) -> Load:
-    """`in_flight` loops, each sending its next POST as soon as the previous one was answered, for `seconds`."""
+    """Closed loop (`rate` None): `in_flight` loops, each sending its next POST as soon as the previous one was
+    answered, for `seconds`. Open loop (`rate` requests/s): one POST every 1/rate s, whatever the answers, at
+    most `in_flight` at once; a latency counts from when the request was due, so a stalled server is not
+    excused by the requests it kept from being sent (no coordinated omission)."""
     path, make = body_maker(case, ids)
     load = Load()
     url = f"{API}{path}"
     started = time.perf_counter()
     deadline = started + seconds
+    headers = {"Content-Type": "application/json"}
+    if wait:
+        headers["Prefer"] = f"wait={WAIT_S}"
+
+    async def post(rng: random.Random, due: float) -> None:
+        data = json.dumps(make(rng)).encode()
+        try:
+            request_headers = {**headers, "Idempotency-Key": f"{prefix}{uuid.uuid4().hex}"}
+            async with session.post(url, data=data, headers=request_headers) as response:
+                raw = await response.read()
+                load.statuses[response.status] += 1
+                if wait and response.status in (200, 201) and settled_answer(raw):
+                    load.settled_in_answer += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            load.errors[type(exc).__name__] += 1
+            return
+        load.latencies_ms.append(1000 * (time.perf_counter() - due))
 
     async def loop(n: int) -> None:
         rng = random.Random(f"{prefix}{n}")
-        headers = {"Content-Type": "application/json"}
-        if wait:
-            headers["Prefer"] = f"wait={WAIT_S}"
-        while time.perf_counter() < deadline:
-            headers["Idempotency-Key"] = f"{prefix}{uuid.uuid4().hex}"
-            data = json.dumps(make(rng)).encode()
-            sent = time.perf_counter()
-            try:
-                async with session.post(url, data=data, headers=headers) as response:
-                    raw = await response.read()
-                    load.statuses[response.status] += 1
-                    if wait and response.status in (200, 201) and settled_answer(raw):
-                        load.settled_in_answer += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                load.errors[type(exc).__name__] += 1
-                continue
-            load.latencies_ms.append(1000 * (time.perf_counter() - sent))
+        while (now := time.perf_counter()) < deadline:
+            await post(rng, now)
 
-    await asyncio.gather(*(loop(n) for n in range(in_flight)))
+    async def paced(rate: float) -> None:
+        rng = random.Random(prefix)
+        slots = asyncio.Semaphore(in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        due = started
+
+        async def one(due: float) -> None:
+            async with slots:
+                await post(rng, due)
+
+        while due < deadline:
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            task = asyncio.create_task(one(due))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            due += 1 / rate
+        await asyncio.gather(*tasks)
+
+    if rate is None:
+        await asyncio.gather(*(loop(n) for n in range(in_flight)))
+    else:
+        await paced(rate)
     load.elapsed_s = time.perf_counter() - started
     return load
 
@@ -524,6 +560,7 @@ class Phase:
     client_errors: dict[str, int]
     cpu_seconds: dict[str, float]
     cpu_ms_per_settled: dict[str, float | None]
+    rate_per_s: float | None = None  # the open-loop request rate (wait-paced), None for a closed loop
 
     @property
     def consistent(self) -> bool:
@@ -553,6 +590,7 @@ async def run_phase(
     db_url: str,
     tenant: str = TENANT,
     extra_kinds: dict[str, list[int]] | None = None,
+    rate: float | None = None,
 ) -> Phase:
     """One measured phase. The blocking calls (checkpoint, /proc, the drain's queries) run while no request is
     in flight."""
@@ -562,7 +600,16 @@ async def run_phase(
     meter = CpuMeter(kinds)
     meter.start()
     started_epoch = time.time()
-    load = await generate(session, case, ids, prefix=prefix, wait=mode == "wait", in_flight=in_flight, seconds=seconds)
+    load = await generate(
+        session,
+        case,
+        ids,
+        prefix=prefix,
+        wait=mode.startswith("wait"),
+        in_flight=in_flight,
+        seconds=seconds,
+        rate=rate,
+    )
     view, drained = drain(conn, prefix, drain_s, tenant)
     seconds_used = meter.stop()
     stack.check_alive()
@@ -592,6 +639,7 @@ async def run_phase(
         client_errors=dict(load.errors),
         cpu_seconds=cpu,
         cpu_ms_per_settled={k: (1000 * v / settled if settled else None) for k, v in cpu.items()},
+        rate_per_s=rate,
     )
 
 
@@ -630,6 +678,26 @@ async def measure(
                     )
                     show(phase)
                     phases.append(phase)
+                    if mode == "wait" and args.paced_fraction > 0 and phase.settled_per_s:
+                        # The same requests at a fraction of the highest rate just sustained: latency with
+                        # headroom, as a service runs day to day.
+                        rate = args.paced_fraction * phase.settled_per_s
+                        print(f"  paced at {args.paced_fraction:g} x {phase.settled_per_s:,.0f}/s = {rate:,.0f}/s")
+                        paced = await run_phase(
+                            session,
+                            conn,
+                            stack,
+                            case=case,
+                            mode="wait-paced",
+                            ids=ids,
+                            in_flight=args.in_flight * 4,
+                            seconds=args.seconds,
+                            drain_s=args.drain_seconds,
+                            db_url=db_url,
+                            rate=rate,
+                        )
+                        show(paced)
+                        phases.append(paced)
         return setup_s, phases
 
 
@@ -1155,6 +1223,12 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--cases", default="uniform,hot-credit", help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--modes", default="wait,accept", help="comma-separated, of wait, accept")
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.5,
+        help="after each wait phase, the same at this fraction of its settled/s, open loop (0: skip)",
+    )
     parser.add_argument("--drain-seconds", type=float, default=60.0, help="longest wait for a phase to settle")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-SQL baseline (no ratios)")
     parser.add_argument(
