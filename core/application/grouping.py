@@ -28,13 +28,18 @@ class GroupWriter(Generic[T, R]):
             raise ValueError("max_group and writers must be at least 1")
         self._flush = flush
         self._max_group = max_group
+        self._writers = writers
         self._waiting: deque[tuple[T, asyncio.Future[R]]] = deque()
-        self._wake = asyncio.Event()
-        self._tasks = [asyncio.create_task(self._write(), name=f"group-writer-{n}") for n in range(writers)]
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []  # started by the first submit, on its event loop
+        self._closed = False
 
     async def submit(self, item: T) -> R:
-        if not self._tasks:
+        if self._closed:
             raise RuntimeError("the group writer is closed")
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._tasks = [asyncio.create_task(self._write(self._wake)) for _ in range(self._writers)]
         result: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, result))
         self._wake.set()
@@ -42,6 +47,7 @@ class GroupWriter(Generic[T, R]):
 
     async def close(self) -> None:
         """Stop the writers; items still waiting get a RuntimeError (the flushes in flight finish first)."""
+        self._closed = True
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -53,11 +59,11 @@ class GroupWriter(Generic[T, R]):
             if not result.done():
                 result.set_exception(RuntimeError("the group writer closed"))
 
-    async def _write(self) -> None:
+    async def _write(self, wake: asyncio.Event) -> None:
         while True:
             if not self._waiting:
-                self._wake.clear()
-                await self._wake.wait()
+                wake.clear()
+                await wake.wait()
                 continue
             group: list[tuple[T, asyncio.Future[R]]] = []
             while self._waiting and len(group) < self._max_group:
