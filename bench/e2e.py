@@ -60,6 +60,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -536,6 +537,36 @@ def drain(conn: psycopg.Connection[Any], prefix: str, timeout_s: float, tenant: 
         time.sleep(0.25)
 
 
+class BacklogSampler:
+    """The outbox backlog (events staged, not yet published by the relay) every `interval_s`, on a thread and a
+    connection of its own, while a phase runs: whether the relay keeps up, and how far it fell behind."""
+
+    def __init__(self, db_url: str, *, interval_s: float = 0.25) -> None:
+        self.db_url = db_url
+        self.interval_s = interval_s
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-backlog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> dict[str, int | None]:
+        self._stop.set()
+        self._thread.join()
+        return {
+            "max": max(self.samples, default=None),
+            "last": self.samples[-1] if self.samples else None,
+            "samples": len(self.samples),
+        }
+
+    def _run(self) -> None:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            while not self._stop.wait(self.interval_s):
+                row = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetchone()
+                self.samples.append(int(row[0]) if row else 0)
+
+
 # --- a phase ---------------------------------------------------------------------------------------------------
 @dataclass
 class Phase:
@@ -561,6 +592,7 @@ class Phase:
     cpu_seconds: dict[str, float]
     cpu_ms_per_settled: dict[str, float | None]
     rate_per_s: float | None = None  # the open-loop request rate (wait-paced), None for a closed loop
+    outbox_backlog: dict[str, int | None] | None = None  # events unpublished, sampled during the load: max, last
 
     @property
     def consistent(self) -> bool:
@@ -599,6 +631,8 @@ async def run_phase(
     checkpoint(db_url)
     meter = CpuMeter(kinds)
     meter.start()
+    backlog = BacklogSampler(db_url)
+    backlog.start()
     started_epoch = time.time()
     load = await generate(
         session,
@@ -610,6 +644,7 @@ async def run_phase(
         seconds=seconds,
         rate=rate,
     )
+    outbox_backlog = backlog.stop()
     view, drained = drain(conn, prefix, drain_s, tenant)
     seconds_used = meter.stop()
     stack.check_alive()
@@ -640,6 +675,7 @@ async def run_phase(
         cpu_seconds=cpu,
         cpu_ms_per_settled={k: (1000 * v / settled if settled else None) for k, v in cpu.items()},
         rate_per_s=rate,
+        outbox_backlog=outbox_backlog,
     )
 
 
@@ -719,6 +755,9 @@ def show(phase: Phase) -> None:
     )
     cpu = ", ".join(f"{k} {ms(v)}" for k, v in phase.cpu_ms_per_settled.items())
     print(f"    CPU ms per settled operation: {cpu}")
+    if phase.outbox_backlog is not None:
+        backlog = phase.outbox_backlog
+        print(f"    outbox backlog during the load: max {backlog['max']}, at the end {backlog['last']}")
 
 
 # --- --compare-without: the webhook receiver, the work behind the outbox, the two parts ----------------------

@@ -3,6 +3,7 @@ included), API-key auth and rate limits."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import re
 import time
@@ -183,6 +184,8 @@ class ApiKeyCache:
         self._unknown: OrderedDict[str, tuple[None, float]] = OrderedDict()
         # Bumped by every forget: a lookup that started before a revocation must not cache its stale answer.
         self.generation = 0
+        # Lookups in flight by digest: concurrent requests with one new secret share one PostgreSQL query.
+        self.lookups: dict[str, asyncio.Future[ApiKey | None]] = {}
 
     def get(self, digest: str) -> tuple[bool, ApiKey | None]:
         """(cached, key): (False, None) when PostgreSQL has to be asked."""
@@ -253,6 +256,45 @@ def _is_trusted_proxy(address: str, proxies: tuple[IPNetwork, ...]) -> bool:
     return any(ip in network for network in proxies)
 
 
+async def look_up(request: web.Request, digest: str, secret: str) -> ApiKey | None:
+    """Ask PostgreSQL for an uncached secret, once for every request that meanwhile asks for the same one (they
+    share this lookup's answer, or its refusal by the per-address limit)."""
+    ingress, cache = request.app[INGRESS], request.app[API_KEY_CACHE]
+    found: asyncio.Future[ApiKey | None] = asyncio.get_running_loop().create_future()
+    cache.lookups[digest] = found  # before the first await: whoever comes next shares it
+    try:
+        address = client_address(request)
+        lookup = await ingress.auth_limiter.take(f"auth-lookup:{address}")
+        if not lookup.allowed:
+            log.warning("auth.lookups_limited", client=address)
+            raise RateLimited("too many unrecognised API keys from this address", retry_after=lookup.retry_after_s)
+        generation = cache.generation
+        key = await find_api_key(ingress.database, secret)
+        cache.put(digest, key, looked_up_at=generation)
+        found.set_result(key)
+        return key
+    except asyncio.CancelledError:
+        found.cancel()  # this request's client left: a request sharing the lookup asks again itself
+        raise
+    except Exception as exc:
+        found.set_exception(exc)
+        found.exception()  # retrieved, even when no other request was waiting for it
+        raise
+    finally:
+        cache.lookups.pop(digest, None)
+
+
+async def shared_look_up(request: web.Request, digest: str, secret: str) -> ApiKey | None:
+    in_flight = request.app[API_KEY_CACHE].lookups.get(digest)
+    if in_flight is not None:
+        try:
+            return await asyncio.shield(in_flight)
+        except asyncio.CancelledError:
+            if not in_flight.cancelled():
+                raise  # this request itself was cancelled
+    return await look_up(request, digest, secret)
+
+
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """`/v1` needs `Authorization: Bearer <api key>`; each key then spends from its rate-limit bucket."""
@@ -271,14 +313,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     digest = hash_secret(secret)
     cached, key = cache.get(digest)
     if not cached:
-        address = client_address(request)
-        lookup = await ingress.auth_limiter.take(f"auth-lookup:{address}")
-        if not lookup.allowed:
-            log.warning("auth.lookups_limited", client=address)
-            raise RateLimited("too many unrecognised API keys from this address", retry_after=lookup.retry_after_s)
-        generation = cache.generation
-        key = await find_api_key(ingress.database, secret)
-        cache.put(digest, key, looked_up_at=generation)
+        key = await shared_look_up(request, digest, secret)
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")
     request[TENANT] = key.tenant_id

@@ -15,8 +15,10 @@ import pika
 import psycopg
 
 from core.adapters.postgres.api_keys import create_api_key
+from core.adapters.postgres.queries import ledger_id
 from core.adapters.rabbitmq.commands import CommandPublisher
-from core.adapters.rabbitmq.connection import queue_depth
+from core.adapters.redis.cache import OperationCache
+from core.adapters.redis.client import async_client
 from core.application.commands import Credit
 from core.application.views import OperationStatus
 from core.bootstrap import LedgerService
@@ -39,9 +41,9 @@ def refuses_connections(port: int) -> bool:
         return True
 
 
-def accepted(settings: Settings) -> int:
-    """Commands RabbitMQ confirmed on the test's private queue (the ingress is past publishing them)."""
-    return queue_depth(settings.amqp_url, settings.command_queue) or 0
+async def accepted(cache: OperationCache, tenant: str, keys: list[str]) -> int:
+    """Requests whose command RabbitMQ confirmed: the ingress notes each such key in Redis right after."""
+    return sum([await cache.lookup_key(tenant, key) is not None for key in keys])
 
 
 def queued(settings: Settings) -> int:
@@ -62,6 +64,7 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
     port = free_port()
     secret = create_api_key(ledger.pool, tenant)[1]
     account = await asyncio.to_thread(open_account, ledger, tenant)
+    redis_client = async_client(settings.redis_url)
     try:
         with ManagedProcess.start(ingress_command(port), env=env, name="stopping-ingress", port=port) as node:
 
@@ -74,10 +77,12 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
                     return response.status, await response.json(content_type=None)
 
             headers = {"Authorization": f"Bearer {secret}"}
+            cache = OperationCache(redis_client, ledger_id=ledger_id(ledger.pool))
             async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as session:
                 requests = [asyncio.create_task(credit(session, i)) for i in range(IN_FLIGHT)]
                 deadline = time.monotonic() + 20
-                while await asyncio.to_thread(accepted, private) < IN_FLIGHT:
+                keys = [f"graceful-{i}" for i in range(IN_FLIGHT)]
+                while await accepted(cache, tenant, keys) < IN_FLIGHT:
                     assert time.monotonic() < deadline, "the requests were not all accepted"
                     await asyncio.sleep(0.05)
                 node.popen.send_signal(signal.SIGTERM)  # every request is now waiting for its settlement
@@ -95,6 +100,7 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
         assert exit_code == 0, node.output()[-2000:]
         assert await asyncio.to_thread(balance, ledger, tenant, account) == sum(100 + i for i in range(IN_FLIGHT))
     finally:
+        await redis_client.aclose()
         delete_queues(private)
 
 

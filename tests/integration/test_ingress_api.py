@@ -445,3 +445,19 @@ async def test_duplicate_while_the_first_is_still_publishing_is_told_to_retry(
     response = await api.post("/v1/credits", json=body, headers=headers(api_key, "in-flight"))
     assert response.status == 202
     assert (await response.json())["id"] == str(operation_id)
+
+
+async def test_concurrent_requests_with_a_new_key_share_one_lookup(
+    aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    # One uncached lookup allowed per client address, yet 40 concurrent first requests with a brand-new key all
+    # pass: they share one lookup. (The address is the test's own, through the trusted local proxy header.)
+    node = await aiohttp_client(
+        init_app(dataclasses.replace(settings, auth_lookup_burst=1, auth_lookup_per_second=0.01))
+    )
+    fresh = create_api_key(ledger.pool, tenant)[1]
+    client = {"X-Forwarded-For": f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"}
+    statuses = await asyncio.gather(
+        *(node.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(fresh, **client)) for _ in range(40))
+    )
+    assert [r.status for r in statuses] == [404] * 40  # authenticated, and the account is unknown

@@ -10,6 +10,7 @@ redelivery sweeper and tests.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,10 +181,11 @@ class AmqpCommandQueue(CommandQueue):
     """The ingress's command queue: asyncio, confirms pipelined (`ConfirmingPublisher`). It declares the
     queue and its dead-letter queue as the workers do, so a command never lands where no queue is."""
 
-    def __init__(self, amqp_url: str, *, queue_name: str) -> None:
+    def __init__(self, amqp_url: str, *, queue_name: str, name: str | None = None) -> None:
         self.queue_name = queue_name
         self.publisher = ConfirmingPublisher(
             amqp_url,
+            name=name or f"cleanledger ingress {os.getpid()}",
             topology=[
                 durable_queue(queue_name, main_queue_arguments(queue_name)),
                 durable_queue(dead_letter_queue(queue_name), {"x-message-ttl": DEAD_LETTER_TTL_MS}),

@@ -17,6 +17,7 @@ a request. Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,6 +65,7 @@ class ConfirmingPublisher:
     topology: declared in order on every connect, before the first publish on it.
     timeout_s: seconds a publish waits for its confirm (connecting included).
     connect_timeout_s: seconds the TCP and AMQP handshake may take.
+    name: the connection's name as RabbitMQ shows it (management UI, `rabbitmqctl list_connections`).
     """
 
     def __init__(
@@ -73,8 +75,10 @@ class ConfirmingPublisher:
         topology: Sequence[Declaration] = (),
         timeout_s: float = PUBLISH_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        name: str = "cleanledger",
     ) -> None:
         self.parameters = connection_parameters(amqp_url, connect_timeout=connect_timeout_s, blocked_timeout=timeout_s)
+        self.parameters.client_properties = {"connection_name": name}  # how `rabbitmqctl list_connections` names it
         self.topology = tuple(topology)
         self.timeout_s = timeout_s
         self._connection: AsyncioConnection | None = None
@@ -87,7 +91,8 @@ class ConfirmingPublisher:
 
     @property
     def connected(self) -> bool:
-        return self._channel is not None and self._channel.is_open
+        connection, channel = self._connection, self._channel
+        return connection is not None and connection.is_open and channel is not None and channel.is_open
 
     async def publish(
         self,
@@ -116,10 +121,13 @@ class ConfirmingPublisher:
                     if properties.message_id:
                         self._by_message_id.pop(properties.message_id, None)
         except TimeoutError:
+            # A peer gone silent (no FIN, heartbeats not due yet) looks just like this: start afresh next time.
+            self._abandon(PublishFailed("a publish timed out on this connection"))
             raise PublishFailed(f"no confirm from RabbitMQ within {self.timeout_s:g} s") from None
         except PublishFailed:
             raise
         except Exception as exc:  # pika's channel/connection errors: the broker did not take it
+            self._abandon(PublishFailed(f"the connection broke: {exc!r}"))
             raise PublishFailed(str(exc) or type(exc).__name__) from exc
 
     async def connect(self) -> None:
@@ -175,9 +183,14 @@ class ConfirmingPublisher:
         def on_channel(channel: Channel) -> None:
             channel.add_on_close_callback(self._on_channel_closed)
             channel.add_on_return_callback(self._on_return)
-            channel.confirm_delivery(self._on_confirm, callback=lambda _: declare(channel, list(self.topology)))
+            channel.confirm_delivery(
+                lambda frame: self._on_confirm(channel, frame), callback=lambda _: declare(channel, list(self.topology))
+            )
 
         def declare(channel: Channel, steps: list[Declaration]) -> None:
+            if not channel.is_open:  # closed while declaring (a declaration the broker refused): give up
+                fail(PublishFailed("the channel closed while declaring the topology"))
+                return
             if not steps:
                 self._tags = itertools.count(1)  # delivery tags restart on every channel
                 self._channel = channel
@@ -186,8 +199,8 @@ class ConfirmingPublisher:
                 return
             steps[0](channel, lambda _: declare(channel, steps[1:]))
 
-        def on_close(_: Any, error: BaseException) -> None:
-            self._on_connection_closed(error)
+        def on_close(connection: Any, error: BaseException) -> None:
+            self._on_connection_closed(connection, error)
             fail(error)
 
         self._connection = AsyncioConnection(
@@ -198,7 +211,17 @@ class ConfirmingPublisher:
             custom_ioloop=loop,
         )
 
-    def _on_connection_closed(self, error: BaseException) -> None:
+    def _abandon(self, error: PublishFailed) -> None:
+        """Drop the connection in hand (its other publishes fail with `error`); the next publish opens anew."""
+        connection, self._connection, self._channel = self._connection, None, None
+        self._fail_all(error)
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(Exception):  # already broken: nothing left to release
+                connection.close()
+
+    def _on_connection_closed(self, connection: Any, error: BaseException) -> None:
+        if connection is not self._connection:  # one abandoned earlier: its publishes were failed then
+            return
         self._connection = None
         self._channel = None
         if not self._closing:
@@ -214,7 +237,9 @@ class ConfirmingPublisher:
 
     # -- confirms -------------------------------------------------------------------------------------
 
-    def _on_confirm(self, frame: Method[Any]) -> None:
+    def _on_confirm(self, channel: Channel, frame: Method[Any]) -> None:
+        if channel is not self._channel:  # a late confirm of an abandoned channel: its tags are not ours
+            return
         method = frame.method
         acked = isinstance(method, pika.spec.Basic.Ack)
         tags = [t for t in self._pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
@@ -228,6 +253,8 @@ class ConfirmingPublisher:
                 waiter.set_exception(PublishFailed("RabbitMQ refused the message (nack)"))
 
     def _on_return(self, channel: Channel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        if channel is not self._channel:
+            return
         tag = self._by_message_id.get(properties.message_id or "")
         waiter = self._pending.get(tag) if tag is not None else None
         if waiter is not None and not waiter.done():
