@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import redis.asyncio
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.mongo.audit import MongoAuditStore
@@ -17,13 +18,19 @@ from core.adapters.postgres.operations import PostgresOperationRecords
 from core.adapters.postgres.queries import PostgresQueries
 from core.adapters.postgres.uow import PostgresUnitOfWork
 from core.adapters.postgres.webhooks import PostgresWebhooks
-from core.adapters.rabbitmq.commands import AmqpCommandQueue
-from core.adapters.redis.cache import OperationCache, RedisQueuedKeys
+from core.adapters.rabbitmq.commands import AmqpCommandQueue, CommandPublisher, retry_delays_ms
+from core.adapters.rabbitmq.consumer import CommandConsumer, EventConsumer
+from core.adapters.rabbitmq.events import EVENTS_EXCHANGE
+from core.adapters.redis.cache import OperationCache, RedisQueuedKeys, SettlementPublisher
+from core.adapters.redis.client import async_client, sync_client
+from core.adapters.redis.rate_limit import TokenBucket
+from core.adapters.redis.waiter import SettlementWaiter
 from core.application import group_commit, handlers
 from core.application.accept import Acceptance
 from core.application.commands import Command
 from core.application.group_commit import Outcome, Unsettled
 from core.application.ports import CommandQueue, OperationRecords, Submission
+from core.application.requests import BODIES
 from core.application.retry import RetryPolicy
 from core.application.views import OperationResult
 from core.application.webhooks import WebhookService
@@ -143,3 +150,74 @@ def acceptance(
         writers=max(1, min(2, settings.ingress_db_connections - 1)),
         retry_after_s=settings.broker_retry_after_s,
     )
+
+
+# --- Redis, for the ingress -------------------------------------------------------------------------------------
+@dataclass
+class IngressRedis:
+    """An ingress's Redis adapters on one asyncio client: the operation cache, the two token buckets and the
+    settlement waiter (`await waiter.start()` before serving, `close()` at shutdown)."""
+
+    client: redis.asyncio.Redis
+    cache: OperationCache
+    limiter: TokenBucket  # requests per API key
+    auth_limiter: TokenBucket  # uncached API-key lookups per client address
+    waiter: SettlementWaiter
+
+    async def close(self) -> None:
+        await self.waiter.close()
+        await self.client.aclose()
+
+
+def ingress_redis(settings: Settings, *, ledger: str) -> IngressRedis:
+    """`ledger` is the database's `ledger_instance` id, which namespaces the idempotency-key copies."""
+    client = async_client(settings.redis_url)
+    return IngressRedis(
+        client,
+        OperationCache(client, ledger_id=ledger),
+        TokenBucket(client, capacity=settings.rate_limit_burst, refill_per_second=settings.rate_limit_per_second),
+        TokenBucket(client, capacity=settings.auth_lookup_burst, refill_per_second=settings.auth_lookup_per_second),
+        SettlementWaiter(client),
+    )
+
+
+# --- RabbitMQ and Redis, for the workers --------------------------------------------------------------------------
+def command_consumer(settings: Settings) -> CommandConsumer:
+    """The command worker's queues: the ingress's command queue and the direct producers' request queue."""
+    return CommandConsumer(
+        settings.amqp_url,
+        queue_name=settings.command_queue,
+        retry_delays_ms=retry_delays_ms(
+            max_retries=settings.worker_max_retries,
+            min_backoff_ms=settings.worker_min_backoff_ms,
+            max_backoff_ms=settings.worker_max_backoff_ms,
+        ),
+        group_max=settings.worker_group_max,
+        group_wait_s=settings.worker_group_wait_ms / 1000,
+        prefetch=2 * settings.worker_group_max,
+        request_exchange=settings.request_exchange,
+        request_queue=settings.request_queue,
+        request_types=list(BODIES),
+    )
+
+
+def settlement_publisher(settings: Settings) -> SettlementPublisher:
+    """Where a worker caches settled results and announces them to the waiting ingresses."""
+    return SettlementPublisher(sync_client(settings.redis_url))
+
+
+def event_consumer(settings: Settings, *, queue: str, group_max: int, group_wait_s: float) -> EventConsumer:
+    """A consumer of every ledger event through a durable queue of its own (the audit trail's, the webhooks')."""
+    return EventConsumer(
+        settings.amqp_url,
+        exchange=EVENTS_EXCHANGE,
+        queue_name=queue,
+        group_max=group_max,
+        group_wait_s=group_wait_s,
+        prefetch=2 * group_max,
+    )
+
+
+def redelivery_publisher(settings: Settings) -> CommandPublisher:
+    """The sweeper's blocking publisher of single commands, confirmed one by one (it sends few)."""
+    return CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)

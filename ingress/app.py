@@ -10,12 +10,15 @@ from aiohttp import web
 
 from core.adapters.mongo.audit import AuditReader
 from core.adapters.postgres.queries import ledger_id
-from core.adapters.redis.cache import OperationCache
-from core.adapters.redis.client import async_client
-from core.adapters.redis.rate_limit import TokenBucket
 from core.adapters.redis.revocations import RevocationListener
-from core.adapters.redis.waiter import SettlementWaiter
-from core.bootstrap import acceptance, bootstrap, command_queue, ingress_database, operation_records
+from core.bootstrap import (
+    acceptance,
+    bootstrap,
+    command_queue,
+    ingress_database,
+    ingress_redis,
+    operation_records,
+)
 from core.logs import configure_logging
 from core.settings import Settings
 from ingress.context import INGRESS, Ingress
@@ -57,26 +60,18 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
-    settings = ingress.settings
-    client = async_client(settings.redis_url)
-    ingress.cache = OperationCache(client, ledger_id=await ingress.blocking(ledger_id, ingress.ledger.pool))
-    ingress.limiter = TokenBucket(
-        client, capacity=settings.rate_limit_burst, refill_per_second=settings.rate_limit_per_second
-    )
-    ingress.auth_limiter = TokenBucket(
-        client, capacity=settings.auth_lookup_burst, refill_per_second=settings.auth_lookup_per_second
-    )
-    ingress.waiter = SettlementWaiter(client)
+    redis = ingress_redis(ingress.settings, ledger=await ingress.blocking(ledger_id, ingress.ledger.pool))
+    ingress.cache, ingress.waiter = redis.cache, redis.waiter
+    ingress.limiter, ingress.auth_limiter = redis.limiter, redis.auth_limiter
     await ingress.waiter.start()
     api_keys = app[API_KEY_CACHE]
-    ingress.revocations = RevocationListener(client, on_revoked=api_keys.forget, on_resync=api_keys.forget_all)
+    ingress.revocations = RevocationListener(redis.client, on_revoked=api_keys.forget, on_resync=api_keys.forget_all)
     await ingress.revocations.start()
-    ingress.readiness = Readiness(settings, client)
+    ingress.readiness = Readiness(ingress.settings, redis.client)
     yield
     ingress.readiness.close()
     await ingress.revocations.close()
-    await ingress.waiter.close()
-    await client.aclose()
+    await redis.close()
 
 
 async def broker_ctx(app: web.Application) -> AsyncIterator[None]:

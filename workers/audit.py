@@ -24,9 +24,9 @@ import structlog
 from pymongo.errors import BulkWriteError
 
 from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
-from core.adapters.rabbitmq.events import EVENTS_EXCHANGE, POSITION_HEADER
+from core.adapters.rabbitmq.events import POSITION_HEADER
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
-from core.bootstrap import audit_store
+from core.bootstrap import audit_store, event_consumer
 from core.logs import configure_logging
 from core.settings import Settings
 
@@ -136,13 +136,8 @@ class AuditWorker:
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(level=settings.log_level, json=settings.log_json)
-    consumer = EventConsumer(
-        settings.amqp_url,
-        exchange=EVENTS_EXCHANGE,
-        queue_name=settings.audit_queue,
-        group_max=settings.audit_group_max,
-        group_wait_s=GROUP_WAIT_S,
-        prefetch=2 * settings.audit_group_max,
+    consumer = event_consumer(
+        settings, queue=settings.audit_queue, group_max=settings.audit_group_max, group_wait_s=GROUP_WAIT_S
     )
     worker = AuditWorker(audit_store(settings), consumer)
 

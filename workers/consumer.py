@@ -37,18 +37,15 @@ from core.adapters.rabbitmq.commands import (
     ReplyTo,
     command_message,
     parse_command_message,
-    retry_delays_ms,
     retry_message,
 )
 from core.adapters.rabbitmq.consumer import CommandConsumer, Delivery
 from core.adapters.rabbitmq.requests import ClientRequest, parse_request, reply_body, reply_of
 from core.adapters.redis.cache import SettlementPublisher
-from core.adapters.redis.client import sync_client
 from core.application.group_commit import Unsettled
 from core.application.ports import StoreUnavailable, Submission
-from core.application.requests import BODIES
 from core.application.views import OperationResult, operation_json
-from core.bootstrap import LedgerService, bootstrap
+from core.bootstrap import LedgerService, bootstrap, command_consumer, settlement_publisher
 from core.domain.errors import LedgerError, ProcessingFailed, Unauthorized
 from core.domain.ids import new_id
 from core.logs import configure_logging
@@ -265,24 +262,10 @@ class CommandWorker:
 
 
 def build(settings: Settings) -> CommandWorker:
-    """The worker's adapters, built once per process."""
-    consumer = CommandConsumer(
-        settings.amqp_url,
-        queue_name=settings.command_queue,
-        retry_delays_ms=retry_delays_ms(
-            max_retries=settings.worker_max_retries,
-            min_backoff_ms=settings.worker_min_backoff_ms,
-            max_backoff_ms=settings.worker_max_backoff_ms,
-        ),
-        group_max=settings.worker_group_max,
-        group_wait_s=settings.worker_group_wait_ms / 1000,
-        prefetch=2 * settings.worker_group_max,
-        request_exchange=settings.request_exchange,
-        request_queue=settings.request_queue,
-        request_types=list(BODIES),
+    """The worker's adapters, built once per process by the composition root."""
+    return CommandWorker(
+        bootstrap(settings, pool_size=2), command_consumer(settings), settlement_publisher(settings), settings=settings
     )
-    ledger = bootstrap(settings, pool_size=2)
-    return CommandWorker(ledger, consumer, SettlementPublisher(sync_client(settings.redis_url)), settings=settings)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in
 from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
 from core.application.commands import command_from_json
+from core.bootstrap import redelivery_publisher
 from core.domain.errors import LedgerError
 from core.logs import configure_logging
 from core.settings import Settings
@@ -74,7 +75,7 @@ def main() -> None:
     pool = open_pool(settings, min_size=1, max_size=1)
     sweeper = RedeliverySweeper(
         pool,
-        CommandPublisher(settings.amqp_url, queue_name=settings.command_queue),
+        redelivery_publisher(settings),
         redeliver_after_s=settings.redeliver_after_s,
     )
     interval_s = max(1.0, settings.redeliver_after_s / 4)  # seconds between sweeps
