@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from core.adapters.mongo.audit import AuditReader
-from core.adapters.postgres.queries import ledger_id
+from core.adapters.postgres.queries import AsyncPostgresQueries, ledger_id
 from core.adapters.redis.revocations import RevocationListener
 from core.bootstrap import (
     acceptance,
@@ -54,6 +54,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
     ingress.database = await ingress_database(ingress.settings)
     ingress.records = operation_records(ingress.database)
+    ingress.queries = AsyncPostgresQueries(ingress.database)
     yield
     await ingress.database.close()
 

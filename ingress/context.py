@@ -14,6 +14,7 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from core.adapters.mongo.audit import AuditReader
+from core.adapters.postgres.queries import AsyncPostgresQueries
 from core.adapters.rabbitmq.commands import AmqpCommandQueue
 from core.adapters.redis.cache import OperationCache
 from core.adapters.redis.rate_limit import TokenBucket
@@ -46,6 +47,7 @@ class Ingress:
     ledger: LedgerService = field(init=False)  # blocking reads (accounts, entries, webhooks), on `executor`
     database: AsyncConnectionPool = field(init=False)  # the event loop's PostgreSQL
     records: OperationRecords = field(init=False)  # operations pending or settled, read on the event loop
+    queries: AsyncPostgresQueries = field(init=False)  # accounts and entries, read on the event loop
     queue: AmqpCommandQueue = field(init=False)
     acceptance: Acceptance = field(init=False)  # POSTs of commands
     cache: OperationCache = field(init=False)

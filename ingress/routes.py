@@ -197,7 +197,7 @@ async def create_transfer(request: web.Request) -> web.Response:
 async def get_account(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
     account_id = path_uuid(request, "account_id")
-    account = await ingress.blocking(ingress.ledger.queries.account, request[TENANT], account_id)
+    account = await ingress.queries.account(request[TENANT], account_id)
     if account is None:
         raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
     return web.json_response(account_json(account))
@@ -208,8 +208,7 @@ async def list_entries(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
     account_id = path_uuid(request, "account_id")
     query = parse_query(dict(request.query))
-    page = await ingress.blocking(
-        ingress.ledger.queries.entries,
+    page = await ingress.queries.entries(
         request[TENANT],
         account_id,
         limit=query.limit,

@@ -13,6 +13,7 @@ from psycopg import Connection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from core.adapters.postgres.queries import OPERATION
 from core.adapters.postgres.uow import (
     CLAIM_KEYS,
     claims_json,
@@ -52,7 +53,7 @@ class PostgresOperationRecords(OperationRecords):
         await self._fetch(WITHDRAW, (withdrawn,), returns_rows=False)
 
     async def find(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
-        rows = await self._fetch(FIND, (operation_id, tenant_id))
+        rows = await self._fetch(OPERATION, (operation_id, tenant_id))
         return operation_from_row(*rows[0]) if rows else None
 
     async def _fetch(self, sql: str, params: Sequence[Any], *, returns_rows: bool = True) -> list[tuple[Any, ...]]:

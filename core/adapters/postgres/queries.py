@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from psycopg import IsolationLevel, sql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.postgres.uow import ACCOUNT_COLUMNS, account_from_row, operation_from_row
 from core.application.ports import EntryPage, EntryView, LedgerQueries
@@ -46,17 +49,84 @@ def ledger_id(pool: ConnectionPool) -> str:
     return str(row[0])
 
 
+# One account of one tenant, as it stands.
+ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s"
+# One operation of one tenant, pending or settled.
+OPERATION = (
+    "SELECT k.operation_id, k.status, k.response FROM idempotency_keys k WHERE k.operation_id = %s AND k.tenant_id = %s"
+)
+# Whether the page's account belongs to the tenant (asked in the page's snapshot).
+ACCOUNT_OWNER = "SELECT 1 FROM accounts WHERE id = %(account)s AND tenant_id = %(tenant)s"
+
+
+@dataclass(frozen=True, slots=True)
+class EntriesQuery:
+    """A page of entries as SQL: the owner check, then the page (one row more than the limit: `has_more`)."""
+
+    query: sql.Composed
+    params: dict[str, object]
+    limit: int
+
+    def page(self, rows: Sequence[Sequence[Any]]) -> EntryPage:
+        views = [EntryView(*row) for row in rows[: self.limit]]
+        more = len(rows) > self.limit
+        return EntryPage(views, encode_cursor(views[-1].created_at, views[-1].sequence) if more else None)
+
+
+def entries_query(
+    tenant_id: str,
+    account_id: UUID,
+    *,
+    limit: int,
+    cursor: str | None,
+    newest_first: bool,
+    since: datetime | None,
+    until: datetime | None,
+) -> EntriesQuery:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    if since and until and since >= until:
+        raise RequestInvalid("'since' must be before 'until'")
+    conditions: list[sql.Composable] = [sql.SQL("e.account_id = %(account)s")]
+    params: dict[str, object] = {"account": account_id, "tenant": tenant_id, "limit": limit + 1}
+    if since is not None:
+        conditions.append(sql.SQL("e.created_at >= %(since)s"))
+        params["since"] = since
+    if until is not None:
+        conditions.append(sql.SQL("e.created_at < %(until)s"))
+        params["until"] = until
+    if cursor is not None:
+        params["c_time"], params["c_seq"] = decode_cursor(cursor)
+        conditions.append(
+            sql.SQL("(e.created_at, e.sequence) {} (%(c_time)s, %(c_seq)s)").format(
+                sql.SQL("<" if newest_first else ">")
+            )
+        )
+    direction = sql.SQL("DESC" if newest_first else "ASC")
+    query = sql.SQL(
+        "SELECT e.transaction_id, t.kind, e.account_id, e.amount, e.currency, e.sequence,"
+        " e.balance_after, e.created_at"
+        " FROM entries e JOIN transactions t ON t.id = e.transaction_id"
+        " WHERE {where}"
+        " ORDER BY e.created_at {dir}, e.sequence {dir} LIMIT %(limit)s"
+    ).format(where=sql.SQL(" AND ").join(conditions), dir=direction)
+    return EntriesQuery(query, params, limit)
+
+
+def not_found(account_id: UUID) -> AccountNotFound:
+    return AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+
+
 class PostgresQueries(LedgerQueries):
+    """Blocking reads, for the CLI, the tests and the workers."""
+
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
 
     def account(self, tenant_id: str, account_id: UUID) -> Account | None:
         with self.pool.connection() as conn:
             conn.isolation_level = IsolationLevel.READ_COMMITTED
-            row = conn.execute(
-                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s",
-                (account_id, tenant_id),
-            ).fetchone()
+            row = conn.execute(ACCOUNT, (account_id, tenant_id)).fetchone()
         return account_from_row(row) if row else None
 
     def entries(
@@ -70,52 +140,50 @@ class PostgresQueries(LedgerQueries):
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> EntryPage:
-        if not 1 <= limit <= MAX_PAGE_SIZE:
-            raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-        if since and until and since >= until:
-            raise RequestInvalid("'since' must be before 'until'")
-        conditions: list[sql.Composable] = [sql.SQL("e.account_id = %(account)s")]
-        params: dict[str, object] = {"account": account_id, "tenant": tenant_id, "limit": limit + 1}
-        if since is not None:
-            conditions.append(sql.SQL("e.created_at >= %(since)s"))
-            params["since"] = since
-        if until is not None:
-            conditions.append(sql.SQL("e.created_at < %(until)s"))
-            params["until"] = until
-        if cursor is not None:
-            params["c_time"], params["c_seq"] = decode_cursor(cursor)
-            conditions.append(
-                sql.SQL("(e.created_at, e.sequence) {} (%(c_time)s, %(c_seq)s)").format(
-                    sql.SQL("<" if newest_first else ">")
-                )
-            )
-        direction = sql.SQL("DESC" if newest_first else "ASC")
-        query = sql.SQL(
-            "SELECT e.transaction_id, t.kind, e.account_id, e.amount, e.currency, e.sequence,"
-            " e.balance_after, e.created_at"
-            " FROM entries e JOIN transactions t ON t.id = e.transaction_id"
-            " WHERE {where}"
-            " ORDER BY e.created_at {dir}, e.sequence {dir} LIMIT %(limit)s"
-        ).format(where=sql.SQL(" AND ").join(conditions), dir=direction)
+        page = entries_query(
+            tenant_id, account_id, limit=limit, cursor=cursor, newest_first=newest_first, since=since, until=until
+        )
         with self.pool.connection() as conn:
             conn.isolation_level = IsolationLevel.REPEATABLE_READ  # the account check and page agree
-            owner = conn.execute(
-                "SELECT 1 FROM accounts WHERE id = %(account)s AND tenant_id = %(tenant)s", params
-            ).fetchone()
-            if owner is None:
-                raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
-            rows = conn.execute(query, params).fetchall()
-        views = [EntryView(*row) for row in rows[:limit]]
-        more = len(rows) > limit
-        next_cursor = encode_cursor(views[-1].created_at, views[-1].sequence) if more else None
-        return EntryPage(views, next_cursor)
+            if conn.execute(ACCOUNT_OWNER, page.params).fetchone() is None:
+                raise not_found(account_id)
+            return page.page(conn.execute(page.query, page.params).fetchall())
 
     def operation(self, tenant_id: str, operation_id: UUID) -> OperationResult | None:
         with self.pool.connection() as conn:
             conn.isolation_level = IsolationLevel.READ_COMMITTED
-            row = conn.execute(
-                "SELECT k.operation_id, k.status, k.response FROM idempotency_keys k"
-                " WHERE k.operation_id = %s AND k.tenant_id = %s",
-                (operation_id, tenant_id),
-            ).fetchone()
+            row = conn.execute(OPERATION, (operation_id, tenant_id)).fetchone()
         return operation_from_row(*row) if row else None
+
+
+class AsyncPostgresQueries:
+    """The same reads on the ingress's event loop (its autocommit asyncio pool), no thread hop."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def account(self, tenant_id: str, account_id: UUID) -> Account | None:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(ACCOUNT, (account_id, tenant_id))).fetchone()
+        return account_from_row(row) if row else None
+
+    async def entries(
+        self,
+        tenant_id: str,
+        account_id: UUID,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        newest_first: bool = True,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> EntryPage:
+        page = entries_query(
+            tenant_id, account_id, limit=limit, cursor=cursor, newest_first=newest_first, since=since, until=until
+        )
+        # One REPEATABLE READ transaction: the owner check and the page see the same snapshot.
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            if await (await conn.execute(ACCOUNT_OWNER, page.params)).fetchone() is None:
+                raise not_found(account_id)
+            return page.page(await (await conn.execute(page.query, page.params)).fetchall())
