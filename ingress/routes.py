@@ -69,13 +69,18 @@ def prefer_wait(request: web.Request, cap_s: int) -> int | None:
     return cap_s if len(digits) > 9 else min(int(digits or "0"), cap_s)
 
 
+def settled_document(entry: dict[str, Any], tenant_id: str) -> dict[str, Any] | None:
+    """The operation's document out of a worker's cache entry (`{"tenant_id", "operation"}`), if the tenant's."""
+    if entry.get("tenant_id") == tenant_id and isinstance(entry.get("operation"), dict):
+        document: dict[str, Any] = entry["operation"]
+        return document
+    return None
+
+
 async def cached_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
     """The settled operation's document from Redis, when it is there (a worker caches it as it settles)."""
     cached = await ingress.cache.get_result(str(operation_id))
-    if cached is not None and cached.get("tenant_id") == tenant_id and isinstance(cached.get("operation"), dict):
-        document: dict[str, Any] = cached["operation"]
-        return document
-    return None
+    return settled_document(cached, tenant_id) if cached is not None else None
 
 
 async def current_operation(ingress: Ingress, tenant_id: str, operation_id: UUID) -> dict[str, Any] | None:
@@ -101,7 +106,13 @@ async def settle_wait(ingress: Ingress, tenant_id: str, document: dict[str, Any]
     async def peek() -> dict[str, Any] | None:
         return await cached_operation(ingress, tenant_id, operation_id)
 
-    settled = await ingress.waiter.wait(str(operation_id), float(wait_s), check=check, peek=peek)
+    settled = await ingress.waiter.wait(
+        str(operation_id),
+        float(wait_s),
+        check=check,
+        peek=peek,
+        announced=lambda entry: settled_document(entry, tenant_id),
+    )
     return settled or document
 
 

@@ -336,6 +336,26 @@ async def test_one_announcement_wakes_every_operation_of_its_group(
     assert results == [{"operation_id": op} for op in ops]  # from the peek: `check` (PostgreSQL) never ran
 
 
+async def test_the_announcement_carries_the_cached_entry(
+    client: redis.asyncio.Redis, waiter: SettlementWaiter, publisher: SettlementPublisher
+) -> None:
+    op, peeks = uid(), 0
+
+    async def peek() -> dict[str, Any] | None:
+        nonlocal peeks
+        peeks += 1
+        return None
+
+    task = asyncio.create_task(
+        waiter.wait(op, 10, check=never, peek=peek, announced=lambda entry: {"from": "announcement", **entry})
+    )
+    await asyncio.sleep(0.2)
+    await settle(publisher, op, {"operation_id": op, "status": "succeeded"})
+    result = await asyncio.wait_for(task, 5)
+    assert result == {"from": "announcement", "operation_id": op, "status": "succeeded"}
+    assert peeks == 1  # only the look before waiting: the answer came with the notification
+
+
 async def test_the_authoritative_check_decides_at_the_timeout(
     client: redis.asyncio.Redis, waiter: SettlementWaiter
 ) -> None:

@@ -17,7 +17,7 @@ import redis.asyncio
 import structlog
 
 from core.adapters.redis.client import REDIS_ERRORS, describe
-from core.adapters.redis.keys import SETTLED_CHANNEL, SETTLED_SEPARATOR, idempotency_key, result_key
+from core.adapters.redis.keys import SETTLED_CHANNEL, idempotency_key, result_key
 from core.application.ports import Claim, QueuedKeys
 
 log = structlog.get_logger(__name__)
@@ -127,8 +127,10 @@ class SettlementPublisher:
             with self._client.pipeline(transaction=True) as pipe:
                 for operation_id, payload in payloads:
                     pipe.set(result_key(operation_id), payload, ex=ttl_s)
-                # Cached first, announced after (MULTI/EXEC keeps the order): a woken waiter finds the result.
-                pipe.publish(SETTLED_CHANNEL, SETTLED_SEPARATOR.decode().join(op for op, _ in payloads))
+                # Cached first, announced after (MULTI/EXEC keeps the order), the entries in the announcement
+                # too (JSON already, joined as one object): a waiter needs no read of its own.
+                announcement = "{" + ",".join(f"{json.dumps(op)}:{payload}" for op, payload in payloads) + "}"
+                pipe.publish(SETTLED_CHANNEL, announcement)
                 pipe.execute()
         except REDIS_ERRORS as exc:
             log.warning("settlement.redis_unavailable", operations=len(settled), error=describe(exc))

@@ -1,9 +1,10 @@
 """Waiting for an operation to settle: Redis pub/sub wakes the waiter, `check()` gives the answer.
 
 One pub/sub connection per process, subscribed once to one channel (`SETTLED_CHANNEL`) on which every worker
-publishes, per committed group, the ids it settled. One reader task dispatches them to the waiting futures.
-A notification is only a hint to look now: the answer always comes from the caller's `check()` (the cached
-result, or PostgreSQL), so a lost or late notification costs latency, never correctness. When Redis is
+publishes, per committed group, what it settled: a JSON object of operation id to the entry it cached. One
+reader task hands each entry to the futures waiting for it (a node nobody waits on does not even parse the
+message). A lost or late notification costs latency, never correctness: the cache, then PostgreSQL (the
+caller's `check()`), still answer. When Redis is
 unavailable, or the connection is lost while waiting, `wait` polls `check()` with capped backoff instead, and
 the reader task reconnects in the background with backoff.
 
@@ -19,6 +20,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import redis.asyncio
 import structlog
 from redis.asyncio.client import PubSub
@@ -26,7 +28,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.adapters.redis.client import REDIS_ERRORS, cancel_and_wait, describe
-from core.adapters.redis.keys import SETTLED_CHANNEL, SETTLED_SEPARATOR
+from core.adapters.redis.keys import SETTLED_CHANNEL
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +60,8 @@ class SettlementWaiter:
         self._reconnect_max_s = reconnect_max_s
         self._idle_ping_s = idle_ping_s
         self._pubsub: PubSub | None = None  # the live, subscribed connection; None while Redis is unavailable
-        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}  # operation id -> True = notified, False = lost
+        # Operation id -> its waiters: each gets the announced entry, or None when the connection was lost.
+        self._waiters: dict[str, set[asyncio.Future[Document | None]]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     @property
@@ -84,14 +87,20 @@ class SettlementWaiter:
             await self._close_quietly(pubsub)
 
     async def wait(
-        self, operation_id: str, timeout_s: float, *, check: Check, peek: Check | None = None
+        self,
+        operation_id: str,
+        timeout_s: float,
+        *,
+        check: Check,
+        peek: Check | None = None,
+        announced: Callable[[Document], Document | None] | None = None,
     ) -> Document | None:
         """The settled operation's document, or None if it is still pending after about `timeout_s` seconds.
 
         `check()` is the authoritative look (it may read PostgreSQL); `peek()`, when given, a cheaper one that
-        may miss (the cached result), used before and after a notification: a settlement is cached before it
-        is announced. At the timeout, and whenever Redis cannot notify, `check()` decides. Exceptions from
-        either propagate; Redis failures never do."""
+        may miss (the cached result), used before waiting. `announced(entry)` turns the entry a worker announced
+        (what it cached) into the answer, or None to look again. At the timeout, and whenever Redis cannot
+        notify, `check()` decides. Exceptions from any of them propagate; Redis failures never do."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         look = peek or check
@@ -102,8 +111,10 @@ class SettlementWaiter:
                 if result is not None:
                     return result
                 await asyncio.wait({waiter}, timeout=max(0.0, deadline - loop.time()))
-                if waiter.done() and waiter.result():  # notified: the cache has it now
-                    result = await look()
+                entry = waiter.result() if waiter.done() else None
+                if entry is not None:  # notified, with what the worker cached
+                    result = announced(entry) if announced is not None else None
+                    result = result if result is not None else await look()
                     if result is not None or look is check:
                         return result
                 if not waiter.done():  # timed out
@@ -116,14 +127,14 @@ class SettlementWaiter:
         return result if result is not None else await self._poll(check, deadline)
 
     # --- waiting ------------------------------------------------------------------------------------------
-    def _register(self, operation_id: str) -> asyncio.Future[bool] | None:
+    def _register(self, operation_id: str) -> asyncio.Future[Document | None] | None:
         if self._pubsub is None:
             return None
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Document | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(operation_id, set()).add(waiter)
         return waiter
 
-    def _unregister(self, operation_id: str, waiter: asyncio.Future[bool]) -> None:
+    def _unregister(self, operation_id: str, waiter: asyncio.Future[Document | None]) -> None:
         waiters = self._waiters.get(operation_id)
         if waiters is not None:
             waiters.discard(waiter)
@@ -211,15 +222,21 @@ class SettlementWaiter:
                 ping_sent = True
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        if message.get("type") != "message":
-            return
         data = message.get("data")
-        if not isinstance(data, bytes):
+        if message.get("type") != "message" or not isinstance(data, bytes) or not self._waiters:
+            return  # nobody here waits: not even parsed
+        try:
+            settled = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            log.warning("waiter.unreadable_announcement", size=len(data))
             return
-        for raw in data.split(SETTLED_SEPARATOR):
-            for waiter in self._waiters.get(raw.decode(errors="replace"), ()):
+        if not isinstance(settled, dict):
+            return
+        for operation_id in settled.keys() & self._waiters.keys():
+            entry = settled[operation_id]
+            for waiter in self._waiters[operation_id]:
                 if not waiter.done():
-                    waiter.set_result(True)
+                    waiter.set_result(entry if isinstance(entry, dict) else {})
 
     def _lost(self, pubsub: PubSub, error: BaseException | None = None, *, op: str = "") -> None:
         """Forget a connection (once): every current waiter is woken to poll instead."""
@@ -231,7 +248,7 @@ class SettlementWaiter:
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_result(False)
+                    waiter.set_result(None)
 
     async def _close_quietly(self, pubsub: PubSub) -> None:
         if pubsub.connection is not None:
