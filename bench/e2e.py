@@ -268,6 +268,7 @@ def delete_queues(amqp_url: str, queue: str) -> list[str]:
         channel = connection.channel()
         for name in names:
             channel.queue_delete(name)
+        channel.exchange_delete(f"{queue}.events")  # the run's private events exchange
     finally:
         connection.close()
     return names
@@ -303,7 +304,8 @@ def stack_env(db_url: str, queue: str, *, loopback_webhooks: bool = False) -> di
             # The audit consumer's: private too, so it reads this run's events only (not the backlog other runs
             # left in the shared `ledger.audit`) and the ones it leaves are deleted with the run.
             "CLEANLEDGER_AUDIT_QUEUE": f"{queue}.audit",
-            "CLEANLEDGER_LOG_LEVEL": "WARNING",
+            "CLEANLEDGER_EVENTS_EXCHANGE": f"{queue}.events",  # private: deleted after, with the queues
+            "CLEANLEDGER_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
             "CLEANLEDGER_RATE_LIMIT_BURST": str(10**9),
             "CLEANLEDGER_RATE_LIMIT_PER_SECOND": str(10**9),
         }

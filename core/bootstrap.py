@@ -20,7 +20,6 @@ from core.adapters.postgres.uow import PostgresUnitOfWork
 from core.adapters.postgres.webhooks import PostgresWebhooks
 from core.adapters.rabbitmq.commands import AmqpCommandQueue, CommandPublisher, retry_delays_ms
 from core.adapters.rabbitmq.consumer import CommandConsumer, EventConsumer
-from core.adapters.rabbitmq.events import EVENTS_EXCHANGE
 from core.adapters.redis.cache import OperationCache, RedisQueuedKeys, SettlementPublisher
 from core.adapters.redis.client import async_client, sync_client
 from core.adapters.redis.rate_limit import TokenBucket
@@ -210,7 +209,7 @@ def event_consumer(settings: Settings, *, queue: str, group_max: int, group_wait
     """A consumer of every ledger event through a durable queue of its own (the audit trail's, the webhooks')."""
     return EventConsumer(
         settings.amqp_url,
-        exchange=EVENTS_EXCHANGE,
+        exchange=settings.events_exchange,
         queue_name=queue,
         group_max=group_max,
         group_wait_s=group_wait_s,

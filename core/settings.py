@@ -50,6 +50,7 @@ class Settings:
     broker_retry_after_s: int = 5  # Retry-After sent with 503 when RabbitMQ is unreachable, seconds
     # --- workers -------------------------------------------------------------------------------------------
     command_queue: str = "ledger.commands"
+    events_exchange: str = "ledger.events"  # the topic exchange the relay publishes ledger events to
     request_exchange: str = "ledger.requests"  # where direct AMQP producers publish commands
     request_queue: str = "ledger.requests"  # the workers' queue bound to it, one routing key per command type
     audit_queue: str = "ledger.audit"  # the audit consumer's queue, bound to every ledger event

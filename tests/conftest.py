@@ -12,7 +12,7 @@ from core.bootstrap import LedgerService, bootstrap
 from core.logs import configure_logging
 from core.settings import Settings
 from tests.processes import ManagedProcess, settings_env, worker_command
-from tests.services import delete_queues, postgres_admin_url
+from tests.services import delete_exchange, delete_queues, postgres_admin_url
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,9 @@ def settings() -> Iterator[Settings]:
             request_queue=f"ledger.requests.{name}",
             audit_queue=f"ledger.audit.{name}",  # the relay declares it: private, and deleted afterwards
             webhook_queue=f"ledger.webhooks.{name}",  # private fan-out queue of the run's webhook workers
+            # Private events too: a queue someone bound to the shared exchange (a local `ops/run`'s audit queue)
+            # would otherwise keep every event the tests publish, forever.
+            events_exchange=f"ledger.events.{name}",
             log_level="WARNING",
         )
         migrate(test_settings)
@@ -36,6 +39,7 @@ def settings() -> Iterator[Settings]:
             yield test_settings
         finally:
             delete_queues(test_settings)
+            delete_exchange(test_settings, test_settings.events_exchange)  # the run's own, see above
             with psycopg.connect(admin_url, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 

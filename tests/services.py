@@ -84,3 +84,13 @@ def delete_queues(settings: Settings) -> None:
         channel.queue_delete(f"{settings.webhook_queue}.XQ")
     finally:
         connection.close()
+
+
+def delete_exchange(settings: Settings, exchange: str) -> None:
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        connection.channel().exchange_delete(exchange)
+    finally:
+        connection.close()

@@ -51,7 +51,7 @@ from core.adapters.postgres.webhook_worker import (
     record_attempt,
 )
 from core.adapters.rabbitmq.connection import connection_parameters
-from core.adapters.rabbitmq.events import EVENTS_EXCHANGE, declare_events_exchange, declare_subscriber_queue
+from core.adapters.rabbitmq.events import declare_subscriber_queue
 from core.application.webhooks import after_attempt
 from core.domain.webhooks import parse_networks
 from core.logs import configure_logging
@@ -82,9 +82,9 @@ class EventFanout:
     def _open(self) -> None:
         self._connection = pika.BlockingConnection(self._params)
         self._channel = self._connection.channel()
-        declare_events_exchange(self._channel)
         queue = self.settings.webhook_queue
-        declare_subscriber_queue(self._channel, queue, EVENTS_EXCHANGE)  # the relay declares it too
+        # The exchange and the queue; the relay declares them too.
+        declare_subscriber_queue(self._channel, queue, self.settings.events_exchange)
         self._channel.basic_qos(prefetch_count=FAN_OUT_BATCH)
         self._channel.basic_consume(queue=queue, on_message_callback=self._on_message)
         log.info("webhooks.fanout_consuming", queue=queue)

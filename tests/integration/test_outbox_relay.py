@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,12 +26,13 @@ import pika
 import psycopg
 import pytest
 
-from core.adapters.rabbitmq import EVENTS_EXCHANGE, PublishError, declare_events_exchange
+from core.adapters.rabbitmq import PublishError, declare_events_exchange
 from core.application.ports import Event
 from core.application.views import OperationStatus
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from tests.helpers import credit, debit, open_account
+from tests.processes import settings_env
 from workers.relay import NOTIFY_CHANNEL, OutboxRelay
 
 CLOSED_PORT_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
@@ -51,13 +51,13 @@ class Message:
 class EventTap:
     """An exclusive, auto-delete queue bound to every routing key of the events exchange."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, exchange: str) -> None:
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
-        declare_events_exchange(self.channel)
+        declare_events_exchange(self.channel, exchange)
         declared = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         self.queue: str = declared.method.queue
-        self.channel.queue_bind(queue=self.queue, exchange=EVENTS_EXCHANGE, routing_key="#")
+        self.channel.queue_bind(queue=self.queue, exchange=exchange, routing_key="#")
 
     def take(self, tenant: str, *, expected: int = 0, timeout: float = 5.0) -> list[Message]:
         """The tenant's messages queued so far, waiting up to `timeout` seconds for at least `expected`."""
@@ -80,7 +80,7 @@ class EventTap:
 
 @pytest.fixture
 def tap(settings: Settings) -> Iterator[EventTap]:
-    events = EventTap(settings.amqp_url)
+    events = EventTap(settings.amqp_url, settings.events_exchange)
     try:
         yield events
     finally:
@@ -313,12 +313,8 @@ def test_run_forever_rides_out_a_broker_outage_and_stops_on_request(
 def test_relay_process_publishes_and_stops_on_sigterm(
     ledger: LedgerService, tenant: str, settings: Settings, tap: EventTap, db: Db
 ) -> None:
-    env = {
-        **os.environ,
-        "CLEANLEDGER_DATABASE_URL": settings.database_url,
-        "CLEANLEDGER_AMQP_URL": settings.amqp_url,
-        "CLEANLEDGER_LOG_LEVEL": "INFO",
-    }
+    # Every setting of the run (its events exchange and subscriber queues are private), logging at INFO.
+    env = {**settings_env(settings), "CLEANLEDGER_LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
         [sys.executable, "-m", "workers.relay", "--poll-interval", "30"],
         cwd=REPO_ROOT,

@@ -365,7 +365,7 @@ async def test_an_event_seen_twice_and_two_workers_still_deliver_each_once(
             await in_thread(open_account, ledger, tenant)
         # The same event published twice more (the relay is at least once): nothing new to deliver.
         document = {"id": str(new_id()), "type": "test.twice", "tenant_id": tenant, "occurred_at": "x", "data": {}}
-        await in_thread(publish_twice, hook_settings.amqp_url, document)
+        await in_thread(publish_twice, hook_settings, document)
         got = await receiver.wait_for(21)
         await asyncio.sleep(1.5)
         assert second.popen.poll() is None
@@ -374,17 +374,15 @@ async def test_an_event_seen_twice_and_two_workers_still_deliver_each_once(
     assert sum(r.event["type"] == "test.twice" for r in got) == 1
 
 
-def publish_twice(url: str, document: dict[str, Any]) -> None:
+def publish_twice(settings: Settings, document: dict[str, Any]) -> None:
     import pika
 
-    from core.adapters.rabbitmq import EVENTS_EXCHANGE
-
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
         for _ in range(2):
-            channel.basic_publish(EVENTS_EXCHANGE, document["type"], json.dumps(document).encode())
+            channel.basic_publish(settings.events_exchange, document["type"], json.dumps(document).encode())
     finally:
         connection.close()
 

@@ -122,6 +122,7 @@ class EventPublisher:
         """A publisher for `settings.amqp_url`, declaring the audit and webhook queues; `options` are the
         constructor's keyword arguments."""
         options.setdefault("subscriber_queues", [settings.audit_queue, settings.webhook_queue])
+        options.setdefault("exchange", settings.events_exchange)
         return cls(settings.amqp_url, **options)
 
     @property
