@@ -34,8 +34,16 @@ from common import machine_facts, print_machine, run_started, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 PY_SPY = ROOT / ".venv" / "bin" / "py-spy"
-# A frame at the top of an idle stack: the thread waits for I/O, it does not compute.
-IDLE_TOPS = ("select (selectors.py", "poll (selectors.py", "wait (threading.py", "_wait_for_tstate_lock")
+# A frame at the top of an idle stack: the thread waits for I/O (the event loop's select, psycopg's wait for
+# the server's answer, pika's poll), it does not compute.
+IDLE_TOPS = (
+    "select (selectors.py",
+    "poll (selectors.py",
+    "wait (threading.py",
+    "_wait_for_tstate_lock",
+    "Connection.wait (psycopg/connection.py",
+    "PollPoller.poll (pika/",
+)
 # Areas by the module path in a frame (py-spy writes `function (package/module.py:line)`). A busy sample counts
 # for the area of the innermost frame that has one: a socket write under redis-py is Redis's, not asyncio's.
 AREAS = (
@@ -179,7 +187,7 @@ def main() -> int:
     ]
     busy, idle = folded["samples"]["busy"], folded["samples"]["idle"]
     print(f"{args.process} pid, {args.seconds} s at 250 Hz: {busy} busy samples, {idle} idle")
-    print("by area (inclusive % of busy samples):")
+    print("by area (% of busy samples, each counted for its innermost known package):")
     for area, pct in folded["areas_pct"].items():
         print(f"  {pct:5.1f}  {area}")
     print("top of the stack (self % of busy samples):")
