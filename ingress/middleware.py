@@ -285,6 +285,7 @@ async def look_up(request: web.Request, digest: str, secret: str) -> ApiKey | No
 
 
 async def shared_look_up(request: web.Request, digest: str, secret: str) -> ApiKey | None:
+    """The answer of the lookup of this secret already in flight, if there is one; otherwise a lookup of ours."""
     in_flight = request.app[API_KEY_CACHE].lookups.get(digest)
     if in_flight is not None:
         try:

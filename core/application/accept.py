@@ -56,7 +56,7 @@ Recorded = ExistingKey | None
 class Acceptance:
     """The accept use case of one ingress process, bound to its ports.
 
-    max_group: most records written by one statement. writers: record statements in flight at once.
+    max_group: most requests in one group (one statement, one message). writers: groups in flight at once.
     retry_after_s: seconds a client is told to wait when the queue cannot take commands.
     """
 
@@ -80,8 +80,7 @@ class Acceptance:
 
     async def accept(self, command: Command, *, idempotency_key: str) -> OperationResult:
         """Accept a command for a worker: its pending operation (new), or the key's operation (`replayed`)."""
-        request = command.to_json()
-        claim = Claim(command.tenant_id, idempotency_key, command.fingerprint(request), new_id(), command.type, request)
+        claim = Claim.for_command(command, idempotency_key, new_id())
         existing = await self._writer.submit(claim)
         if existing is not None:
             return await self._known(claim, existing)
