@@ -29,6 +29,8 @@ from core.domain.money import MAX_BALANCE, validate_currency
 MAX_METADATA_BYTES = 4096
 # Most keys one metadata object may hold.
 MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_CHARS = 64  # characters of one metadata key
+MAX_METADATA_VALUE_CHARS = 512  # characters of one metadata value (a string)
 TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -56,41 +58,51 @@ def validate_tenant_id(tenant_id: object) -> str:
 
 
 def validate_metadata(metadata: object) -> dict[str, Any]:
-    """A small JSON object: string keys, at most MAX_METADATA_KEYS of them and MAX_METADATA_BYTES in all."""
+    """Metadata is a flat JSON object of strings: at most MAX_METADATA_KEYS keys of 1 to MAX_METADATA_KEY_CHARS
+    characters, values of at most MAX_METADATA_VALUE_CHARS, MAX_METADATA_BYTES in all as compact UTF-8 JSON.
+
+    Strings only, so that what is stored, filtered on and replayed is exactly what was sent: PostgreSQL's jsonb
+    keeps a JSON number as a numeric and gives back another spelling of it (1.5e20 comes back as
+    150000000000000000000, and the command no longer matches its fingerprint), and most clients parse numbers
+    as doubles (9007199254740993 becomes ...992). A client sends "9007199254740993" and gets it back."""
     if not isinstance(metadata, dict):
         raise MetadataInvalid("metadata must be a JSON object")
     if len(metadata) > MAX_METADATA_KEYS:
         raise MetadataInvalid(f"metadata may hold at most {MAX_METADATA_KEYS} keys")
-    try:
-        encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise MetadataInvalid(f"metadata must be plain JSON: {exc}") from None
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
+            raise MetadataInvalid(f"metadata keys must be strings of 1 to {MAX_METADATA_KEY_CHARS} characters")
+        if not isinstance(value, str):
+            raise MetadataInvalid(
+                f"metadata values must be strings (write numbers as strings, which keep every digit): "
+                f"{key[:40]!r} is a {json_type(value)}"
+            )
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            raise MetadataInvalid(f"a metadata value may hold at most {MAX_METADATA_VALUE_CHARS} characters")
+        if "\x00" in key or "\x00" in value:
+            # PostgreSQL refuses U+0000 in jsonb and text: caught here it is the client's 422, not a failed insert.
+            raise MetadataInvalid("metadata keys and strings must not contain the NUL character (U+0000)")
+    encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
     try:
         size = len(encoded.encode())
     except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no UTF-8 for it, nor in PostgreSQL
         raise MetadataInvalid("metadata keys and strings must be valid Unicode (no lone surrogates)") from None
     if size > MAX_METADATA_BYTES:
         raise MetadataInvalid(f"metadata must not exceed {MAX_METADATA_BYTES} bytes as JSON")
-    if _holds_nul(metadata):
-        # PostgreSQL refuses U+0000 in jsonb and text: caught here it is the client's 422, not a failed insert.
-        raise MetadataInvalid("metadata keys and strings must not contain the NUL character (U+0000)")
     return metadata
 
 
-def _holds_nul(value: object) -> bool:
-    """Whether a NUL is in any key or string of a JSON value, however deeply nested (walked without recursion)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-    return False
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 import pytest
 import redis.asyncio
 from aiohttp.test_utils import TestClient
@@ -111,6 +112,33 @@ async def test_a_nul_anywhere_in_metadata_is_metadata_invalid(
 ) -> None:
     assert "\\u0000" in json.dumps(body)  # sent as JSON's escape, as any client would
     assert await problem(await api.post(path, json=body, headers=auth(api_key))) == (422, "metadata-invalid")
+
+
+@pytest.mark.parametrize("value", [1.5e20, 9007199254740993, 1, True, None, ["a"], {"nested": "x"}])
+async def test_metadata_values_that_are_not_strings_are_refused(
+    api: TestClient[Any, Any], api_key: str, value: object
+) -> None:
+    body = {"currency": "USD", "metadata": {"n": value}}
+    assert await problem(await api.post("/v1/accounts", json=body, headers=auth(api_key))) == (422, "metadata-invalid")
+
+
+async def test_metadata_strings_come_back_exactly_as_sent(
+    api: TestClient[Any, Any], api_key: str, settings: Settings, tenant: str
+) -> None:
+    sent = {"n": "9007199254740993", "big": "1.5e20", "ref": "inv-7 é💸"}
+    response = await api.post(
+        "/v1/accounts", json={"currency": "USD", "metadata": sent}, headers={**auth(api_key), "Prefer": "wait=10"}
+    )
+    assert response.status == 201, await response.text()
+    account = (await response.json())["result"]["account"]
+    assert account["metadata"] == sent
+    with psycopg.connect(settings.database_url) as conn:  # and so is the stored request a sweeper would re-send
+        row = conn.execute(
+            "SELECT o.request -> 'metadata' FROM operations o JOIN idempotency_keys k ON k.operation_id = o.id"
+            " WHERE k.tenant_id = %s AND o.id = %s",
+            (tenant, (await response.json())["id"]),
+        ).fetchone()
+    assert row == (sent,)
 
 
 async def test_an_authorization_header_that_is_not_utf8_is_unauthorized(api: TestClient[Any, Any]) -> None:
