@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import random
@@ -343,9 +342,9 @@ def main() -> None:
     facts: dict[str, Any] = {"log_dir": str(log_dir), "suffix": suffix}
     with fresh_database("bench_amqp") as db_url:
         private = {n: f"{getattr(base, n)}.{suffix}" for n in ("command_queue", "request_exchange", "request_queue")}
-        s = dataclasses.replace(base, database_url=db_url, log_level="WARNING", **private)
+        s = base.replace(database_url=db_url, log_level="WARNING", **private)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANLEDGER_")}
-        env.update({f"CLEANLEDGER_{f.name.upper()}": str(getattr(s, f.name)) for f in dataclasses.fields(s)})
+        env.update(s.as_environ())
         migrate(s)
         run = Run(a, s, Stack(env, log_dir))
         try:

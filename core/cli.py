@@ -4,7 +4,6 @@ supervisord-config."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from uuid import UUID
@@ -21,7 +20,7 @@ from core.application.views import OperationResult
 from core.bootstrap import audit_store, bootstrap
 from core.domain.errors import LedgerError
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import Settings, settings_or_exit
 from core.supervision import write_config
 
 
@@ -94,7 +93,7 @@ def cmd_audit_lag(settings: Settings, _: argparse.Namespace) -> int:
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     """Re-run the audit trail's requests into an empty database; exit 1 unless every outcome and balance matches."""
-    target = dataclasses.replace(settings, database_url=args.into)
+    target = settings.replace(database_url=args.into)
     migrate(target)
     service = bootstrap(target, pool_size=2)
     try:
@@ -171,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {"database_url": args.database_url} if args.database_url else {}
-    settings = Settings.from_env(**overrides)
+    settings = settings_or_exit("cleanledger", **overrides)
     configure_logging(level=settings.log_level, json=settings.log_json)
     result: int = args.func(settings, args)
     return result

@@ -20,7 +20,7 @@ from core.bootstrap import (
     operation_records,
 )
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import Settings, settings_or_exit
 from ingress.context import INGRESS, Ingress
 from ingress.health import Readiness
 from ingress.middleware import (
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="overrides CLEANLEDGER_INGRESS_HOST")
     parser.add_argument("--port", type=int, help="overrides CLEANLEDGER_INGRESS_PORT")
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    settings = settings_or_exit("ingress")
     configure_logging(level=settings.log_level, json=settings.log_json)
     web.run_app(
         init_app(settings),

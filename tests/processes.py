@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.settings import Settings
@@ -22,8 +22,7 @@ BIN = Path(sys.executable).parent
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANLEDGER_")}
-    for f in fields(settings):
-        env[f"CLEANLEDGER_{f.name.upper()}"] = str(getattr(settings, f.name))
+    env.update(settings.as_environ())
     env["PYTHONPATH"] = str(ROOT)
     return env
 

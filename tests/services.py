@@ -4,7 +4,6 @@ when a Docker engine answers, else this machine's local services."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -42,8 +41,7 @@ def postgres_admin_url() -> Iterator[str]:
 def private_queues(settings: Settings, suffix: str, **overrides: Any) -> Settings:
     """`settings` with command queue, request exchange, request queue and webhook queue of their own (named
     `<name>.<suffix>`): for a test's own worker or ingress, so `delete_queues` of it leaves the session's alone."""
-    return dataclasses.replace(
-        settings,
+    return settings.replace(
         command_queue=f"{settings.command_queue}.{suffix}",
         request_exchange=f"{settings.request_exchange}.{suffix}",
         request_queue=f"{settings.request_queue}.{suffix}",

@@ -49,7 +49,7 @@ from core.bootstrap import LedgerService, bootstrap, command_consumer, settlemen
 from core.domain.errors import LedgerError, ProcessingFailed, Unauthorized
 from core.domain.ids import new_id
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import Settings, settings_or_exit
 
 log = structlog.get_logger("worker")
 # How long the worker waits for a first message before it checks for a stop request, in seconds.
@@ -269,7 +269,7 @@ def build(settings: Settings) -> CommandWorker:
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit("worker")
     configure_logging(level=settings.log_level, json=settings.log_json)
     worker = build(settings)
 

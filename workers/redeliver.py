@@ -24,7 +24,7 @@ from core.application.commands import command_from_json
 from core.bootstrap import redelivery_publisher
 from core.domain.errors import LedgerError
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import settings_or_exit
 
 log = structlog.get_logger(__name__)
 # Operations re-enqueued per sweep, at most.
@@ -63,7 +63,7 @@ class RedeliverySweeper:
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit("redeliver")
     configure_logging(level=settings.log_level, json=settings.log_json)
     stop = threading.Event()
 

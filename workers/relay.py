@@ -41,7 +41,7 @@ from core.adapters.postgres.db import connect
 from core.adapters.rabbitmq.events import EventPublisher, PublishError
 from core.application.ports import Event
 from core.logs import configure_logging
-from core.settings import Settings
+from core.settings import Settings, settings_or_exit
 
 NOTIFY_CHANNEL = "cleanledger_outbox"
 STOP_CHECK_INTERVAL = 0.5  # seconds: how often an idle relay looks at its stop flag and the AMQP link
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-backoff", type=float, default=30.0, help="seconds, cap of the retry backoff (default 30)"
     )
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    settings = settings_or_exit("relay")
     configure_logging(level=settings.log_level, json=settings.log_json)
 
     stop = threading.Event()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import signal
 import socket
 import time
@@ -59,7 +58,7 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
     settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
     # A queue no worker reads yet: the requests stay in flight, waiting (Prefer: wait), until we start one.
-    private = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.graceful")
+    private = settings.replace(command_queue=f"{settings.command_queue}.graceful")
     env = settings_env(private)
     port = free_port()
     secret = create_api_key(ledger.pool, tenant)[1]
@@ -107,7 +106,7 @@ async def test_sigterm_on_an_ingress_answers_every_request_in_flight(
 def test_sigterm_on_a_worker_finishes_and_acknowledges_its_group(
     settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
-    private = dataclasses.replace(settings, command_queue=f"{settings.command_queue}.sigterm")
+    private = settings.replace(command_queue=f"{settings.command_queue}.sigterm")
     account = open_account(ledger, tenant)
     operation_id = new_id()
     command = Credit(tenant, account, Money.for_posting(777, "USD"))

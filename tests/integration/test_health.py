@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,14 +34,14 @@ async def test_healthz_and_readyz_need_no_api_key(aiohttp_client: ClientFactory,
 
 
 async def test_redis_down_is_degraded_but_ready(aiohttp_client: ClientFactory, settings: Settings) -> None:
-    node = await aiohttp_client(init_app(dataclasses.replace(settings, redis_url=CLOSED_PORT_REDIS)))
+    node = await aiohttp_client(init_app(settings.replace(redis_url=CLOSED_PORT_REDIS)))
     response = await node.get("/readyz")
     assert response.status == 200
     assert (await response.json())["checks"] == {"postgres": "ok", "rabbitmq": "ok", "redis": "degraded"}
 
 
 async def test_rabbitmq_down_is_503_problem(aiohttp_client: ClientFactory, settings: Settings) -> None:
-    node = await aiohttp_client(init_app(dataclasses.replace(settings, amqp_url=CLOSED_PORT_AMQP)))
+    node = await aiohttp_client(init_app(settings.replace(amqp_url=CLOSED_PORT_AMQP)))
     response = await node.get("/readyz")
     assert response.status == 503
     assert response.content_type == "application/problem+json"
@@ -60,7 +59,7 @@ async def test_postgres_down_is_503_problem_within_the_timeout(
     ingress = node.app[INGRESS]  # type: ignore[index]
     # The node started against a working database; from now on its readiness checks find none.
     ingress.readiness.close()
-    down = dataclasses.replace(settings, database_url=CLOSED_PORT_POSTGRES)
+    down = settings.replace(database_url=CLOSED_PORT_POSTGRES)
     ingress.readiness = Readiness(down, ingress.readiness.redis)
     started = asyncio.get_running_loop().time()
     response = await node.get("/readyz")

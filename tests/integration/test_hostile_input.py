@@ -222,7 +222,7 @@ async def test_an_overdraft_limit_out_of_range_is_validation_failed(
 
 
 async def test_a_trickled_body_is_cut_off(aiohttp_client: ClientFactory, settings: Settings, api_key: str) -> None:
-    node = await aiohttp_client(init_app(dataclasses.replace(settings, body_read_timeout_s=1.0)))
+    node = await aiohttp_client(init_app(settings.replace(body_read_timeout_s=1.0)))
     body = b'{"currency": "USD"}'
     started = asyncio.get_running_loop().time()
     response = await raw_request(
@@ -246,7 +246,7 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
     redis_client = redis.asyncio.Redis.from_url(settings.redis_url)
     try:
         for trusted, believed in (("127.0.0.1/32,::1/128", True), ("192.0.2.0/24", False)):
-            node = await aiohttp_client(init_app(dataclasses.replace(settings, trusted_proxies=trusted)))
+            node = await aiohttp_client(init_app(settings.replace(trusted_proxies=trusted)))
             claimed = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
             await redis_client.delete(rate_limit_key(f"auth-lookup:{claimed}"))
             h = {"Authorization": f"Bearer clk_{uuid.uuid4().hex}", "X-Forwarded-For": f"203.0.113.1, {claimed}"}
@@ -258,7 +258,7 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(
 
 def test_a_malformed_trusted_proxies_setting_fails_at_start(settings: Settings) -> None:
     with pytest.raises(ValueError, match="TRUSTED_PROXIES"):
-        init_app(dataclasses.replace(settings, trusted_proxies="127.0.0.1/32,not-an-address"))
+        init_app(settings.replace(trusted_proxies="127.0.0.1/32,not-an-address"))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -232,7 +231,7 @@ async def test_a_revoked_key_stops_working_at_once_on_every_node(
     aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
     # Nodes that would trust a cached key for 10 minutes: only the announcement can explain a quick 401.
-    trusting = dataclasses.replace(settings, api_key_cache_s=600)
+    trusting = settings.replace(api_key_cache_s=600)
     nodes = [await aiohttp_client(init_app(trusting)) for _ in range(2)]
     key, secret = create_api_key(ledger.pool, tenant)
     path = f"/v1/accounts/{uuid.uuid4()}"
@@ -258,9 +257,7 @@ def some_client_address() -> str:
 async def test_unrecognised_api_keys_are_throttled_per_client_address(
     aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
 ) -> None:
-    node = await aiohttp_client(
-        init_app(dataclasses.replace(settings, auth_lookup_burst=3, auth_lookup_per_second=0.2))
-    )
+    node = await aiohttp_client(init_app(settings.replace(auth_lookup_burst=3, auth_lookup_per_second=0.2)))
     attacker = some_client_address()
     path = f"/v1/accounts/{uuid.uuid4()}"
 
@@ -312,7 +309,7 @@ async def test_same_key_on_two_nodes_is_one_operation(
 ) -> None:
     node1 = await aiohttp_client(init_app(settings))
     node2 = await aiohttp_client(init_app(settings))
-    node3_no_redis = await aiohttp_client(init_app(dataclasses.replace(settings, redis_url=CLOSED_PORT_REDIS)))
+    node3_no_redis = await aiohttp_client(init_app(settings.replace(redis_url=CLOSED_PORT_REDIS)))
     a = await new_account(node1, api_key)
     body = {"account_id": a, "amount": 250, "currency": "USD"}
     answers = await asyncio.gather(
@@ -339,7 +336,7 @@ async def test_same_key_on_two_nodes_is_one_operation(
 async def test_prefer_wait_without_redis_falls_back_to_polling(
     aiohttp_client: ClientFactory, settings: Settings, worker: ManagedProcess, api_key: str
 ) -> None:
-    node = await aiohttp_client(init_app(dataclasses.replace(settings, redis_url=CLOSED_PORT_REDIS)))
+    node = await aiohttp_client(init_app(settings.replace(redis_url=CLOSED_PORT_REDIS)))
     a = await new_account(node, api_key)  # new_account itself waits: settled through PostgreSQL polling
     status, doc = await post(node, "/v1/credits", api_key, {"account_id": a, "amount": 1, "currency": "USD"}, wait=10)
     assert status == 201
@@ -366,7 +363,7 @@ async def test_prefer_wait_answers_202_when_not_settled_in_time(
 async def test_broker_down_means_503_and_nothing_accepted(
     aiohttp_client: ClientFactory, settings: Settings, worker: ManagedProcess, api_key: str
 ) -> None:
-    down = await aiohttp_client(init_app(dataclasses.replace(settings, amqp_url=CLOSED_PORT_AMQP)))
+    down = await aiohttp_client(init_app(settings.replace(amqp_url=CLOSED_PORT_AMQP)))
     response = await down.post("/v1/accounts", json={"currency": "USD"}, headers=headers(api_key, "acct-when-down"))
     assert response.status == 503
     assert int(response.headers["Retry-After"]) >= 1
@@ -381,7 +378,7 @@ async def test_broker_down_means_503_and_nothing_accepted(
 async def test_burst_is_rate_limited_per_api_key(
     aiohttp_client: ClientFactory, settings: Settings, api_key: str, ledger: LedgerService, tenant: str
 ) -> None:
-    node = await aiohttp_client(init_app(dataclasses.replace(settings, rate_limit_burst=5, rate_limit_per_second=0.5)))
+    node = await aiohttp_client(init_app(settings.replace(rate_limit_burst=5, rate_limit_per_second=0.5)))
     statuses = []
     for _ in range(12):
         response = await node.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(api_key))
@@ -452,9 +449,7 @@ async def test_concurrent_requests_with_a_new_key_share_one_lookup(
 ) -> None:
     # One uncached lookup allowed per client address, yet 40 concurrent first requests with a brand-new key all
     # pass: they share one lookup. (The address is the test's own, through the trusted local proxy header.)
-    node = await aiohttp_client(
-        init_app(dataclasses.replace(settings, auth_lookup_burst=1, auth_lookup_per_second=0.01))
-    )
+    node = await aiohttp_client(init_app(settings.replace(auth_lookup_burst=1, auth_lookup_per_second=0.01)))
     fresh = create_api_key(ledger.pool, tenant)[1]
     client = {"X-Forwarded-For": f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"}
     statuses = await asyncio.gather(

@@ -7,7 +7,6 @@ publish too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import subprocess
@@ -228,7 +227,7 @@ def test_broker_down_keeps_rows_for_a_later_relay(
     account = open_account(ledger, tenant)
     credit(ledger, tenant, account, 100)
 
-    down = OutboxRelay(dataclasses.replace(settings, amqp_url=CLOSED_PORT_URL), connect_timeout=2.0)
+    down = OutboxRelay(settings.replace(amqp_url=CLOSED_PORT_URL), connect_timeout=2.0)
     with down, pytest.raises(PublishError):
         down.run_once()
     assert unpublished(db, tenant) == 3
@@ -296,7 +295,7 @@ def test_run_forever_is_woken_by_notify(
 def test_run_forever_rides_out_a_broker_outage_and_stops_on_request(
     ledger: LedgerService, tenant: str, settings: Settings, tap: EventTap, relay: OutboxRelay, db: Db
 ) -> None:
-    down = OutboxRelay(dataclasses.replace(settings, amqp_url=CLOSED_PORT_URL), poll_interval=0.2, max_backoff=0.5)
+    down = OutboxRelay(settings.replace(amqp_url=CLOSED_PORT_URL), poll_interval=0.2, max_backoff=0.5)
     thread, stop = run_in_thread(down)
     open_account(ledger, tenant)
     time.sleep(1.5)  # several failed batches, each rolled back

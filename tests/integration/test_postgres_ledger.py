@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import uuid
 from collections.abc import Iterator
@@ -243,9 +242,7 @@ def test_each_database_has_its_own_ledger_id_kept_across_migrations(settings: Se
     with psycopg.connect(settings.database_url, autocommit=True) as admin:
         other = f"{admin.info.dbname}_other"
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other)))
-    other_settings = dataclasses.replace(
-        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=other)
-    )
+    other_settings = settings.replace(database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=other))
     try:
         migrate(other_settings)
         with psycopg.connect(other_settings.database_url) as conn:
@@ -287,9 +284,7 @@ def scratch_ledger(settings: Settings, suffix: str) -> Iterator[tuple[Settings, 
     """A throwaway database (what a test writes there can never be removed: the books are append-only) holding
     one funded account of tenant "scratch"; dropped afterwards."""
     name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_{suffix}"
-    scratch = dataclasses.replace(
-        settings, database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name)
-    )
+    scratch = settings.replace(database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name))
     migrate(scratch)
     try:
         service = bootstrap(scratch, pool_size=2)

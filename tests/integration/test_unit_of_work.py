@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +126,7 @@ def test_a_session_stalled_mid_transaction_is_cut_off_and_its_locks_freed(
     ledger: LedgerService, tenant: str, settings: Settings
 ) -> None:
     account = open_account(ledger, tenant)
-    impatient = dataclasses.replace(settings, db_idle_in_transaction_timeout_ms=300)
+    impatient = settings.replace(db_idle_in_transaction_timeout_ms=300)
     with connect(impatient, autocommit=False) as stalled:
         stalled.execute("SELECT 1 FROM accounts WHERE id = %s FOR UPDATE", (account,))
         time.sleep(0.6)  # the client stops talking while it holds the row

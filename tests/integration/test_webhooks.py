@@ -8,7 +8,6 @@ ever sent to any other address.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -43,8 +42,7 @@ LOOPBACK = "127.0.0.0/8"
 @pytest.fixture(scope="module")
 def hook_settings(settings: Settings) -> Settings:
     """Short timeouts and backoffs so retries happen within a test; loopback receivers allowed."""
-    return dataclasses.replace(
-        settings,
+    return settings.replace(
         webhook_allowed_networks=LOOPBACK,
         webhook_timeout_s=1.0,  # short, yet generous for a receiver on this machine under other tests' load
         webhook_backoff_min_s=0.2,
@@ -452,7 +450,7 @@ async def test_resend_of_a_failed_delivery(
 async def test_ssrf_targets_are_refused_at_registration(
     aiohttp_client: ClientFactory, settings: Settings, api_key: str, url: str, code: str
 ) -> None:
-    strict = await aiohttp_client(init_app(dataclasses.replace(settings, webhook_allowed_networks="")))
+    strict = await aiohttp_client(init_app(settings.replace(webhook_allowed_networks="")))
     response = await strict.post(
         "/v1/webhook-endpoints", json={"url": url, "event_types": ["*"]}, headers=auth(api_key)
     )
@@ -472,7 +470,7 @@ async def test_localhost_is_refused_unless_allowed_and_nothing_is_sent(
 ) -> None:
     receiver = await receivers()
     named = f"http://localhost:{receiver.port}/hooks"
-    strict = await aiohttp_client(init_app(dataclasses.replace(settings, webhook_allowed_networks="")))
+    strict = await aiohttp_client(init_app(settings.replace(webhook_allowed_networks="")))
     response = await strict.post(
         "/v1/webhook-endpoints", json={"url": named, "event_types": ["*"]}, headers=auth(api_key)
     )
