@@ -1,16 +1,25 @@
-"""`cleanledger` command line: migrate, verify, create-api-key, revoke-api-key, audit-lag, replay,
-supervisord-config."""
+"""`cleanledger` command line: migrate (and `--status`), verify, create-api-key, list-api-keys, revoke-api-key,
+audit-lag, replay, supervisord-config.
+
+A failure is one line on stderr and an exit status, never a traceback: 1 for what the command found (a
+violation, a key that is not there), 2 for what was asked wrongly (argparse's too), 69 (EX_UNAVAILABLE) when
+PostgreSQL cannot be reached."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from uuid import UUID
 
-from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
+import psycopg
+
+from core.adapters.postgres.api_keys import create_api_key, list_api_keys, revoke_api_key
 from core.adapters.postgres.db import connect, open_pool
-from core.adapters.postgres.migrate import migrate
+from core.adapters.postgres.migrate import MigrationError, migrate
+from core.adapters.postgres.migrate import status as migration_status
 from core.adapters.postgres.verify import verify
 from core.adapters.rabbitmq.connection import queue_depth
 from core.adapters.redis.revocations import announce_revoked
@@ -23,8 +32,20 @@ from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 from core.supervision import write_config
 
+# Exit statuses (see the module's docstring).
+EXIT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+# How long a command waits for PostgreSQL before it reports it unavailable, in seconds.
+CONNECT_TIMEOUT_S = 5.0
 
-def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    if args.status:
+        for state in migration_status(settings):
+            when = f" {state.applied_at.isoformat(timespec='seconds')}" if state.applied_at else ""
+            print(f"{state.migration.version:04d}_{state.migration.name}: {state.status}{when}")
+        return 0
     applied = migrate(settings)
     for m in applied:
         print(f"applied {m.version:04d}_{m.name}")
@@ -34,7 +55,7 @@ def cmd_migrate(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def cmd_verify(settings: Settings, _: argparse.Namespace) -> int:
-    with connect(settings, autocommit=False) as conn:
+    with connect(settings, autocommit=False, admin=True) as conn:
         violations = verify(conn)
     for violation in violations:
         print(f"VIOLATION {violation}")
@@ -43,7 +64,7 @@ def cmd_verify(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def cmd_create_api_key(settings: Settings, args: argparse.Namespace) -> int:
-    pool = open_pool(settings, min_size=1, max_size=1)
+    pool = open_pool(settings, min_size=1, max_size=1, open_timeout_s=CONNECT_TIMEOUT_S)
     try:
         key, secret = create_api_key(pool, args.tenant, name=args.name)
     finally:
@@ -53,16 +74,39 @@ def cmd_create_api_key(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
-    pool = open_pool(settings, min_size=1, max_size=1)
+def cmd_list_api_keys(settings: Settings, args: argparse.Namespace) -> int:
+    pool = open_pool(settings, min_size=1, max_size=1, open_timeout_s=CONNECT_TIMEOUT_S)
     try:
-        revoked = revoke_api_key(pool, UUID(args.key_id))
+        keys = list_api_keys(pool, tenant_id=args.tenant, include_revoked=args.all)
+    finally:
+        pool.close()
+    for key in keys:
+        revoked = f"  revoked {key.revoked_at.isoformat(timespec='seconds')}" if key.revoked_at else ""
+        created = key.created_at.isoformat(timespec="seconds")
+        print(f"{key.id}  {key.tenant_id}  {key.prefix}...  {created}  {key.name!r}{revoked}")
+    if not keys:
+        print("no keys", file=sys.stderr)
+    return 0
+
+
+def key_id(value: str) -> UUID:
+    """argparse type of an API key id."""
+    try:
+        return UUID(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:40]!r} is not an API key id (a UUID)") from None
+
+
+def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
+    pool = open_pool(settings, min_size=1, max_size=1, open_timeout_s=CONNECT_TIMEOUT_S)
+    try:
+        revoked = revoke_api_key(pool, args.key_id)
     finally:
         pool.close()
     if not revoked:
-        print("no such active key")
-        return 1
-    if announce_revoked(settings.redis_url, UUID(args.key_id)):
+        print(f"cleanledger: no active API key {args.key_id}", file=sys.stderr)
+        return EXIT_FOUND
+    if announce_revoked(settings.redis_url, args.key_id):
         print("revoked; the ingress nodes were told")
     else:
         print(f"revoked; Redis is unavailable, so ingress nodes may accept it for up to {settings.api_key_cache_s:g} s")
@@ -138,9 +182,12 @@ def cmd_supervisord_config(_: Settings, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cleanledger", description="Clean Ledger administration")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('cleanledger')}")
     parser.add_argument("--database-url", help="overrides CLEANLEDGER_DATABASE_URL")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply pending SQL migrations (idempotent)").set_defaults(func=cmd_migrate)
+    migrate_cmd = sub.add_parser("migrate", help="apply pending SQL migrations (idempotent)")
+    migrate_cmd.add_argument("--status", action="store_true", help="list each migration: applied, pending, changed")
+    migrate_cmd.set_defaults(func=cmd_migrate)
     sub.add_parser("audit-lag", help="how far the MongoDB audit trail trails the ledger").set_defaults(
         func=cmd_audit_lag
     )
@@ -154,8 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True, help="tenant id: 1-63 of a-z 0-9 _ -")
     create.add_argument("--name", default="", help="a label for the key")
     create.set_defaults(func=cmd_create_api_key)
+    listing = sub.add_parser("list-api-keys", help="list API keys (never their secrets)")
+    listing.add_argument("--tenant", help="only this tenant's")
+    listing.add_argument("--all", action="store_true", help="revoked keys too")
+    listing.set_defaults(func=cmd_list_api_keys)
     revoke = sub.add_parser("revoke-api-key", help="revoke an API key by id")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", type=key_id)
     revoke.set_defaults(func=cmd_revoke_api_key)
     conf = sub.add_parser(
         "supervisord-config", help="write <run-dir>/supervisord.conf from the Procfile (every process supervised)"
@@ -172,8 +223,24 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"database_url": args.database_url} if args.database_url else {}
     settings = settings_or_exit("cleanledger", **overrides)
     configure_logging(level=settings.log_level, json=settings.log_json)
-    result: int = args.func(settings, args)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries would bury the one-line answer
+    try:
+        if args.func not in (cmd_supervisord_config, cmd_migrate):  # migrate may have to create the database
+            # Ask PostgreSQL once, directly: its own refusal is the clearest line to print.
+            with connect(settings, admin=True, connect_timeout_s=CONNECT_TIMEOUT_S):
+                pass
+        result: int = args.func(settings, args)
+    except psycopg.OperationalError as exc:
+        print(f"cleanledger: PostgreSQL is unavailable: {first_line(exc)}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (MigrationError, LedgerError) as exc:
+        print(f"cleanledger: {first_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, LedgerError) else EXIT_FOUND
     return result
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 if __name__ == "__main__":

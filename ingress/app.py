@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +18,7 @@ from core.bootstrap import (
     ingress_redis,
     operation_records,
 )
+from core.entrypoint import parser_for
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 from ingress.context import INGRESS, Ingress
@@ -111,7 +111,7 @@ def init_app(settings: Settings) -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="ingress", description="Clean Ledger HTTP ingress node")
+    parser = parser_for("ingress", "Clean Ledger HTTP ingress node")
     parser.add_argument("--host", help="overrides CLEANLEDGER_INGRESS_HOST")
     parser.add_argument("--port", type=int, help="overrides CLEANLEDGER_INGRESS_PORT")
     args = parser.parse_args(argv)

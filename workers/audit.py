@@ -27,8 +27,7 @@ from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
 from core.adapters.rabbitmq.events import POSITION_HEADER
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
 from core.bootstrap import audit_store, event_consumer
-from core.logs import configure_logging
-from core.settings import settings_or_exit
+from core.entrypoint import start
 
 log = structlog.get_logger("audit")
 # How long the consumer waits for a first event before it checks for a stop request, in seconds.
@@ -134,8 +133,7 @@ class AuditWorker:
 
 
 def main() -> None:
-    settings = settings_or_exit("audit")
-    configure_logging(level=settings.log_level, json=settings.log_json)
+    settings = start("audit", "Audit consumer: writes every ledger event to the MongoDB audit trail.")
     consumer = event_consumer(
         settings, queue=settings.audit_queue, group_max=settings.audit_group_max, group_wait_s=GROUP_WAIT_S
     )

@@ -48,8 +48,8 @@ from core.application.views import OperationResult, operation_json
 from core.bootstrap import LedgerService, bootstrap, command_consumer, settlement_publisher
 from core.domain.errors import LedgerError, ProcessingFailed, Unauthorized
 from core.domain.ids import new_id
-from core.logs import configure_logging
-from core.settings import Settings, settings_or_exit
+from core.entrypoint import start
+from core.settings import Settings
 
 log = structlog.get_logger("worker")
 # How long the worker waits for a first message before it checks for a stop request, in seconds.
@@ -269,8 +269,7 @@ def build(settings: Settings) -> CommandWorker:
 
 
 def main() -> None:
-    settings = settings_or_exit("worker")
-    configure_logging(level=settings.log_level, json=settings.log_json)
+    settings = start("worker", "Group-commit worker: settles the commands of the command and request queues.")
     worker = build(settings)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -23,8 +23,7 @@ from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
 from core.application.commands import command_from_json
 from core.bootstrap import redelivery_publisher
 from core.domain.errors import LedgerError
-from core.logs import configure_logging
-from core.settings import settings_or_exit
+from core.entrypoint import start
 
 log = structlog.get_logger(__name__)
 # Operations re-enqueued per sweep, at most.
@@ -63,8 +62,7 @@ class RedeliverySweeper:
 
 
 def main() -> None:
-    settings = settings_or_exit("redeliver")
-    configure_logging(level=settings.log_level, json=settings.log_json)
+    settings = start("redeliver", "Redelivery sweeper: queues again the commands of operations pending too long.")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -23,7 +23,6 @@ Run it with `python -m workers.relay`; SIGTERM/SIGINT stop it after the batch in
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
@@ -40,6 +39,7 @@ from psycopg.rows import TupleRow
 from core.adapters.postgres.db import connect
 from core.adapters.rabbitmq.events import EventPublisher, PublishError
 from core.application.ports import Event
+from core.entrypoint import parser_for
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 
@@ -265,9 +265,7 @@ class OutboxRelay:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m workers.relay`: relay until SIGTERM or SIGINT, then finish the batch and exit 0."""
-    parser = argparse.ArgumentParser(
-        prog="python -m workers.relay", description="Publish staged outbox events to RabbitMQ."
-    )
+    parser = parser_for("relay", "Publish staged outbox events to RabbitMQ.")
     parser.add_argument("--batch-size", type=int, default=500, help="events per transaction (default 500)")
     parser.add_argument(
         "--poll-interval",

@@ -54,8 +54,8 @@ from core.adapters.rabbitmq.connection import connection_parameters
 from core.adapters.rabbitmq.events import declare_subscriber_queue
 from core.application.webhooks import after_attempt
 from core.domain.webhooks import parse_networks
-from core.logs import configure_logging
-from core.settings import Settings, settings_or_exit
+from core.entrypoint import start
+from core.settings import Settings
 
 log = structlog.get_logger("webhooks")
 FAN_OUT_BATCH = 500  # events per fan-out statement at most (and the queue's prefetch)
@@ -326,8 +326,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 
 def main() -> int:
-    settings = settings_or_exit("webhooks")
-    configure_logging(level=settings.log_level, json=settings.log_json)
+    settings = start("webhooks", "Webhook worker: turns ledger events into signed deliveries and delivers them.")
 
     async def run() -> None:
         stop = asyncio.Event()

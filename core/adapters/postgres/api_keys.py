@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import psycopg
@@ -42,6 +43,32 @@ def create_api_key(pool: ConnectionPool, tenant_id: str, *, name: str = "") -> t
             (key.id, tenant_id, name, secret[:VISIBLE_PREFIX_CHARS], hash_secret(secret)),
         )
     return key, secret
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyListing:
+    """A key as an administrator sees it: never its secret, only the first characters that tell keys apart."""
+
+    id: UUID
+    tenant_id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def list_api_keys(
+    pool: ConnectionPool, *, tenant_id: str | None = None, include_revoked: bool = False
+) -> list[ApiKeyListing]:
+    """The keys, oldest first: of one tenant or of all, live ones only unless `include_revoked`."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, tenant_id, name, prefix, created_at, revoked_at FROM api_keys"
+            " WHERE (%(tenant)s::text IS NULL OR tenant_id = %(tenant)s)"
+            " AND (%(all)s OR revoked_at IS NULL) ORDER BY created_at, id",
+            {"tenant": tenant_id, "all": include_revoked},
+        ).fetchall()
+    return [ApiKeyListing(*row) for row in rows]
 
 
 def revoke_api_key(pool: ConnectionPool, key_id: UUID) -> bool:

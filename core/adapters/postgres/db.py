@@ -14,6 +14,8 @@ from core.settings import Settings
 # library on the posting path, which reads every locked account's metadata.
 set_json_loads(orjson.loads)
 
+# An administration connection waits this many times a request's lock timeout for a lock.
+ADMIN_LOCK_TIMEOUT_FACTOR = 10
 PREPARE_THRESHOLD = 5  # executions of a query before psycopg prepares it server-side (its default)
 
 
@@ -37,8 +39,11 @@ def reset_session(conn: Connection[TupleRow]) -> None:
     conn.read_only = None
 
 
-def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int | None = None) -> ConnectionPool:
-    """A connection pool, opened and waited for so a bad URL fails at start-up, not on first use."""
+def open_pool(
+    settings: Settings, *, min_size: int | None = None, max_size: int | None = None, open_timeout_s: float = 30.0
+) -> ConnectionPool:
+    """A connection pool, opened and waited for (up to `open_timeout_s` seconds) so a bad URL fails at
+    start-up, not on first use."""
     pool: ConnectionPool = ConnectionPool(
         settings.database_url,
         min_size=settings.db_pool_min if min_size is None else min_size,
@@ -48,7 +53,7 @@ def open_pool(settings: Settings, *, min_size: int | None = None, max_size: int 
         open=False,
         name="cleanledger",
     )
-    pool.open(wait=True, timeout=30)
+    pool.open(wait=True, timeout=open_timeout_s)
     return pool
 
 
@@ -69,8 +74,19 @@ async def open_async_pool(settings: Settings, *, max_size: int) -> AsyncConnecti
     return pool
 
 
-def connect(settings: Settings, *, autocommit: bool = True) -> Connection[TupleRow]:
-    """A single connection, for CLI commands (migrate, verify) and tests."""
+def connect(
+    settings: Settings, *, autocommit: bool = True, admin: bool = False, connect_timeout_s: float | None = None
+) -> Connection[TupleRow]:
+    """A single connection, for CLI commands and tests. `admin` (migrate, verify): no statement or idle
+    timeout, since a migration or a full check of a real-sized ledger outlasts a request's 5 s by far."""
     kwargs = connect_kwargs(settings)
     kwargs["autocommit"] = autocommit
+    if admin:
+        # Locks are still waited for only so long: a migration must not queue behind a stuck session forever.
+        lock_timeout_ms = settings.db_lock_timeout_ms * ADMIN_LOCK_TIMEOUT_FACTOR
+        kwargs["options"] = (
+            f"-c statement_timeout=0 -c idle_in_transaction_session_timeout=0 -c lock_timeout={lock_timeout_ms}"
+        )
+    if connect_timeout_s is not None:
+        kwargs["connect_timeout"] = max(1, round(connect_timeout_s))  # libpq counts whole seconds
     return Connection.connect(settings.database_url, **kwargs)  # type: ignore[arg-type]
