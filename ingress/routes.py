@@ -10,9 +10,18 @@ from uuid import UUID
 import structlog
 from aiohttp import web
 
-from core.application.commands import validate_idempotency_key
+from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import AuditUnavailable, EntryView
-from core.application.requests import Body, CreateAccountBody, CreditBody, DebitBody, TransferBody, parse_body
+from core.application.requests import (
+    AccountStatusBody,
+    Body,
+    CreateAccountBody,
+    CreditBody,
+    DebitBody,
+    EmptyBody,
+    TransferBody,
+    parse_body,
+)
 from core.application.views import (
     account_json,
     delivery_json,
@@ -151,18 +160,37 @@ async def read_body(request: web.Request, model: type[Body], *, timeout_s: float
 
 
 async def submit(request: web.Request, model: type[Body]) -> web.Response:
-    """Queue a command: parse, accept (record, publish with confirms; see `core.application.accept`), answer
-    202, or the settled result when `Prefer: wait` was asked and it settled in time."""
-    ingress = request.app[INGRESS]
+    """Queue the command the body describes."""
+    key = idempotency_key_of(request)
+    body = await read_body(request, model, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+    return await accept(request, body.to_command(request[TENANT]), key)
+
+
+async def submit_status(request: web.Request, status: str) -> web.Response:
+    """Queue a change of the path's account to `status` (freeze, unfreeze, close); the body is empty or `{}`."""
+    key = idempotency_key_of(request)
+    account_id = path_uuid(request, "account_id")
+    if request.body_exists:
+        await read_body(request, EmptyBody, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+    body = AccountStatusBody(account_id=account_id, status=status)  # type: ignore[arg-type]
+    return await accept(request, body.to_command(request[TENANT]), key)
+
+
+def idempotency_key_of(request: web.Request) -> str:
     raw_keys = request.headers.getall("Idempotency-Key", [])
     if not raw_keys:
         raise IdempotencyKeyMissing()
     if len(raw_keys) > 1:  # which one would be the key? Neither: refuse rather than guess
         raise IdempotencyKeyInvalid("send exactly one Idempotency-Key header")
-    key = validate_idempotency_key(raw_keys[0])
-    body = await read_body(request, model, timeout_s=ingress.settings.body_read_timeout_s)
+    return validate_idempotency_key(raw_keys[0])
+
+
+async def accept(request: web.Request, command: Command, key: str) -> web.Response:
+    """Accept (record, publish with confirms; see `core.application.accept`), answer 202, or the settled
+    result when `Prefer: wait` was asked and it settled in time."""
+    ingress = request.app[INGRESS]
     wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
-    outcome = await ingress.acceptance.accept(body.to_command(request[TENANT]), idempotency_key=key)
+    outcome = await ingress.acceptance.accept(command, idempotency_key=key)
     structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
     document = operation_json(outcome)
     if wait_s is not None:
@@ -202,6 +230,21 @@ async def create_debit(request: web.Request) -> web.Response:
 @routes.post("/v1/transfers")
 async def create_transfer(request: web.Request) -> web.Response:
     return await submit(request, TransferBody)
+
+
+@routes.post("/v1/accounts/{account_id}/freeze")
+async def freeze_account(request: web.Request) -> web.Response:
+    return await submit_status(request, "frozen")
+
+
+@routes.post("/v1/accounts/{account_id}/unfreeze")
+async def unfreeze_account(request: web.Request) -> web.Response:
+    return await submit_status(request, "open")
+
+
+@routes.post("/v1/accounts/{account_id}/close")
+async def close_account(request: web.Request) -> web.Response:
+    return await submit_status(request, "closed")
 
 
 @routes.get("/v1/accounts/{account_id}")

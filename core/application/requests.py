@@ -7,14 +7,14 @@ known currency, metadata size...) are the domain's, so HTTP and AMQP reject the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.application.commands import Command, CreateAccount, Credit, Debit, Transfer
+from core.application.commands import ChangeAccountStatus, Command, CreateAccount, Credit, Debit, Transfer
 from core.domain.errors import RequestInvalid, ValidationFailed
-from core.domain.model import OverdraftPolicy
+from core.domain.model import AccountStatus, OverdraftPolicy
 from core.domain.money import Money
 
 
@@ -62,12 +62,27 @@ class TransferBody(Body):
         return Transfer(tenant_id, self.source_id, self.destination_id, money, self.metadata)
 
 
+class AccountStatusBody(Body):
+    """Freeze (no posting either way), unfreeze (`open`) or close (for good; only at a zero balance)."""
+
+    account_id: UUID
+    status: Literal["open", "frozen", "closed"]
+
+    def to_command(self, tenant_id: str) -> Command:
+        return ChangeAccountStatus(tenant_id, self.account_id, AccountStatus(self.status))
+
+
+class EmptyBody(Body):
+    """What a POST whose path says it all may carry: nothing, or `{}`."""
+
+
 # Body of each command a client may send, by command type (HTTP route and AMQP routing key alike).
 BODIES: dict[str, type[Body]] = {
     CreateAccount.type: CreateAccountBody,
     Credit.type: CreditBody,
     Debit.type: DebitBody,
     Transfer.type: TransferBody,
+    ChangeAccountStatus.type: AccountStatusBody,
 }
 
 

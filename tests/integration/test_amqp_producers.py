@@ -170,6 +170,28 @@ def test_business_rejections_and_other_tenants_accounts_answer_as_over_http(
     assert balance(ledger, tenant, mine) == 0
 
 
+def test_an_account_is_frozen_and_closed_over_amqp_as_over_http(
+    producer: Producer, ledger: LedgerService, tenant: str, secret: str
+) -> None:
+    mine = open_account(ledger, tenant)
+    _, frozen = producer.call(
+        "change_account_status", {"account_id": str(mine), "status": "frozen"}, secret=secret, message_id=key()
+    )
+    assert (frozen["status"], frozen["result"]["account"]["status"]) == ("succeeded", "frozen")
+    _, refused = producer.call(
+        "credit", {"account_id": str(mine), "amount": 5, "currency": "USD"}, secret=secret, message_id=key()
+    )
+    assert refused["problem"]["code"] == "account-frozen"
+    _, closed = producer.call(
+        "change_account_status", {"account_id": str(mine), "status": "closed"}, secret=secret, message_id=key()
+    )
+    assert closed["result"]["account"]["status"] == "closed"
+    content_type, bad = producer.call(
+        "change_account_status", {"account_id": str(mine), "status": "gone"}, secret=secret, message_id=key()
+    )
+    assert (content_type, bad["code"]) == ("application/problem+json", "validation-failed")
+
+
 @pytest.mark.parametrize(
     ("command_type", "body", "auth", "message_id", "code"),
     [

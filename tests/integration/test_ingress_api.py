@@ -456,3 +456,56 @@ async def test_concurrent_requests_with_a_new_key_share_one_lookup(
         *(node.get(f"/v1/accounts/{uuid.uuid4()}", headers=headers(fresh, **client)) for _ in range(40))
     )
     assert [r.status for r in statuses] == [404] * 40  # authenticated, and the account is unknown
+
+
+# --- account lifecycle -------------------------------------------------------------------------------------------
+async def status_change(api: TestClient[Any, Any], key: str, account: str, action: str, **extra: str) -> dict[str, Any]:
+    status, doc = await post(api, f"/v1/accounts/{account}/{action}", key, None, **extra)
+    assert status in (200, 201), doc
+    return doc
+
+
+async def test_freeze_unfreeze_close(api: TestClient[Any, Any], api_key: str) -> None:
+    a = await new_account(api, api_key)
+    assert (await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 500, "currency": "USD"}))[0] == 201
+
+    frozen = await status_change(api, api_key, a, "freeze")
+    assert (frozen["status"], frozen["result"]["account"]["status"]) == ("succeeded", "frozen")
+    _, refused = await post(api, "/v1/debits", api_key, {"account_id": a, "amount": 1, "currency": "USD"})
+    assert (refused["status"], refused["problem"]["code"]) == ("failed", "account-frozen")
+    _, refused = await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 1, "currency": "USD"})
+    assert refused["problem"]["code"] == "account-frozen"  # frozen both ways
+
+    assert (await status_change(api, api_key, a, "unfreeze"))["result"]["account"]["status"] == "open"
+    _, not_empty = await post(api, f"/v1/accounts/{a}/close", api_key, None)
+    assert (not_empty["status"], not_empty["problem"]["code"]) == ("failed", "account-not-empty")
+
+    assert (await post(api, "/v1/debits", api_key, {"account_id": a, "amount": 500, "currency": "USD"}))[0] == 201
+    closed = await status_change(api, api_key, a, "close", idem="close-it")
+    assert closed["result"]["account"]["status"] == "closed"
+    again = await api.post(f"/v1/accounts/{a}/close", headers=headers(api_key, "close-it"))
+    assert (again.status, (await again.json())["id"]) == (200, closed["id"])  # the same operation, replayed
+    assert again.headers["Idempotent-Replayed"] == "true"
+    _, after = await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 1, "currency": "USD"})
+    assert after["problem"]["code"] == "account-closed"
+    _, reopen = await post(api, f"/v1/accounts/{a}/unfreeze", api_key, None)
+    assert reopen["problem"]["code"] == "account-closed"  # closed is for good
+    account = await (await api.get(f"/v1/accounts/{a}", headers=headers(api_key))).json()
+    assert (account["status"], account["balance"]["posted"]) == ("closed", 0)
+
+
+async def test_status_changes_stay_within_the_tenant_and_take_no_body(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService
+) -> None:
+    a = await new_account(api, api_key)
+    other_key = create_api_key(ledger.pool, f"t-{uuid.uuid4().hex[:12]}")[1]
+    _, theirs = await post(api, f"/v1/accounts/{a}/freeze", other_key, None)
+    assert (theirs["status"], theirs["problem"]["code"]) == ("failed", "account-not-found")
+    mine = await api.get(f"/v1/accounts/{a}", headers=headers(api_key))
+    assert (await mine.json())["status"] == "open"  # untouched by the other tenant
+    response = await api.post(f"/v1/accounts/{a}/freeze", json={"status": "open"}, headers=headers(api_key, "x"))
+    assert (response.status, (await response.json())["code"]) == (422, "validation-failed")
+    response = await api.post(f"/v1/accounts/{a}/close", headers=headers(api_key))  # no Idempotency-Key
+    assert response.status == 400
+    response = await api.post("/v1/accounts/not-a-uuid/close", headers=headers(api_key, "y"))
+    assert response.status == 400

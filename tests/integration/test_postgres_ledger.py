@@ -349,3 +349,12 @@ def test_verify_reports_a_customer_account_on_a_system_id_and_a_misplaced_system
             "no customer account sits on a derived (version 5, system) id",
             "every system account sits on the id derived from its tenant and currency",
         }
+
+
+def test_verify_reports_a_closed_account_that_holds_money(settings: Settings) -> None:
+    with scratch_ledger(settings, "closed") as (scratch, a), psycopg.connect(scratch.database_url) as conn:
+        conn.autocommit = True
+        assert verify(conn) == []
+        conn.execute("UPDATE accounts SET status = 'closed' WHERE id = %s", (a,))  # closed while holding 10
+        found = {v.check for v in verify(conn)}
+    assert found == {"a closed account holds nothing (it closes only at zero, and nothing posts to it after)"}

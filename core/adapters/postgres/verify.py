@@ -32,6 +32,9 @@ CHECKS: dict[str, str] = {
         LEFT JOIN accounts a ON a.id = e.account_id
         WHERE t.id IS NULL OR a.id IS NULL
     """,
+    "a closed account holds nothing (it closes only at zero, and nothing posts to it after)": """
+        SELECT id, tenant_id, posted_balance FROM accounts WHERE status = 'closed' AND posted_balance <> 0
+    """,
     "every idempotency key has its operation": """
         SELECT k.tenant_id, k.key, k.operation_id FROM idempotency_keys k
         LEFT JOIN operations o ON o.id = k.operation_id
