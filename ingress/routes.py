@@ -13,12 +13,15 @@ from aiohttp import web
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import AuditUnavailable, EntryView
 from core.application.requests import (
+    AccountMetadataBody,
     AccountStatusBody,
+    B,
     Body,
     CreateAccountBody,
     CreditBody,
     DebitBody,
     EmptyBody,
+    MetadataPatchBody,
     TransferBody,
     parse_body,
 )
@@ -140,7 +143,7 @@ def operation_response(
     return response
 
 
-async def read_body(request: web.Request, model: type[Body], *, timeout_s: float) -> Body:
+async def read_body(request: web.Request, model: type[B], *, timeout_s: float) -> B:
     if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
         raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
     encodings = request.headers.getall("Content-Encoding", [])
@@ -174,6 +177,15 @@ async def submit_status(request: web.Request, status: str) -> web.Response:
         await read_body(request, EmptyBody, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
     body = AccountStatusBody(account_id=account_id, status=status)  # type: ignore[arg-type]
     return await accept(request, body.to_command(request[TENANT]), key)
+
+
+async def submit_metadata_patch(request: web.Request) -> web.Response:
+    """Queue a merge patch of the path's account's metadata."""
+    key = idempotency_key_of(request)
+    account_id = path_uuid(request, "account_id")
+    body = await read_body(request, MetadataPatchBody, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+    patch = AccountMetadataBody(account_id=account_id, metadata=body.metadata)
+    return await accept(request, patch.to_command(request[TENANT]), key)
 
 
 def idempotency_key_of(request: web.Request) -> str:
@@ -245,6 +257,11 @@ async def unfreeze_account(request: web.Request) -> web.Response:
 @routes.post("/v1/accounts/{account_id}/close")
 async def close_account(request: web.Request) -> web.Response:
     return await submit_status(request, "closed")
+
+
+@routes.patch("/v1/accounts/{account_id}")
+async def update_account(request: web.Request) -> web.Response:
+    return await submit_metadata_patch(request)
 
 
 @routes.get("/v1/accounts/{account_id}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from core.domain.errors import IdempotencyKeyInvalid, SameAccount, ValidationFailed
+from core.domain.errors import IdempotencyKeyInvalid, MetadataInvalid, SameAccount, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
 from core.domain.money import Money, validate_currency
 
@@ -133,9 +133,25 @@ class ChangeAccountStatus(Command):
     status: AccountStatus
 
 
+@dataclass(frozen=True, slots=True)
+class UpdateAccountMetadata(Command):
+    """Change an account's metadata as a JSON merge patch (RFC 7396): a string sets its key, null removes it,
+    a key not named stays as it is."""
+
+    type: ClassVar[str] = "update_account_metadata"
+    account_id: UUID
+    metadata: dict[str, str | None]
+
+    def __post_init__(self) -> None:
+        super(UpdateAccountMetadata, self).__post_init__()
+        if not isinstance(self.metadata, dict) or not self.metadata:
+            raise MetadataInvalid("the metadata patch must be a JSON object naming at least one key")
+        validate_metadata({key: "" if value is None else value for key, value in self.metadata.items()})
+
+
 PostingCommand = Credit | Debit | Transfer
 COMMAND_TYPES: dict[str, type[Command]] = {
-    cls.type: cls for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus)
+    cls.type: cls for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus, UpdateAccountMetadata)
 }
 
 

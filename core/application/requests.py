@@ -7,12 +7,20 @@ known currency, metadata size...) are the domain's, so HTTP and AMQP reject the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.application.commands import ChangeAccountStatus, Command, CreateAccount, Credit, Debit, Transfer
+from core.application.commands import (
+    ChangeAccountStatus,
+    Command,
+    CreateAccount,
+    Credit,
+    Debit,
+    Transfer,
+    UpdateAccountMetadata,
+)
 from core.domain.errors import RequestInvalid, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy
 from core.domain.money import Money
@@ -72,6 +80,22 @@ class AccountStatusBody(Body):
         return ChangeAccountStatus(tenant_id, self.account_id, AccountStatus(self.status))
 
 
+class AccountMetadataBody(Body):
+    """A JSON merge patch of an account's metadata: a string sets its key, null removes it."""
+
+    account_id: UUID
+    metadata: dict[str, Any]
+
+    def to_command(self, tenant_id: str) -> Command:
+        return UpdateAccountMetadata(tenant_id, self.account_id, self.metadata)
+
+
+class MetadataPatchBody(Body):
+    """`PATCH /v1/accounts/{id}`: the account is the path's."""
+
+    metadata: dict[str, Any]
+
+
 class EmptyBody(Body):
     """What a POST whose path says it all may carry: nothing, or `{}`."""
 
@@ -83,10 +107,14 @@ BODIES: dict[str, type[Body]] = {
     Debit.type: DebitBody,
     Transfer.type: TransferBody,
     ChangeAccountStatus.type: AccountStatusBody,
+    UpdateAccountMetadata.type: AccountMetadataBody,
 }
 
 
-def parse_body(model: type[Body], raw: bytes) -> Body:
+B = TypeVar("B", bound=Body)
+
+
+def parse_body(model: type[B], raw: bytes) -> B:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

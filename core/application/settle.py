@@ -25,6 +25,7 @@ from core.application.commands import (
     Debit,
     PostingCommand,
     Transfer,
+    UpdateAccountMetadata,
 )
 from core.application.ports import Claim, Completion, Event, Posting, Submission, UnitOfWork
 from core.application.views import OperationResult, account_json, transaction_json
@@ -109,7 +110,7 @@ def written_accounts(commands: Iterable[Command]) -> set[UUID]:
     for command in commands:
         if isinstance(command, Credit | Debit | Transfer):
             ids.update(account_id for account_id, _ in legs_of(command)[1])
-        elif isinstance(command, ChangeAccountStatus | CreateAccount) and command.account_id is not None:
+        elif isinstance(command, ChangeAccountStatus | UpdateAccountMetadata | CreateAccount) and command.account_id:
             ids.add(command.account_id)
     return ids
 
@@ -165,6 +166,8 @@ class _Books:
                 result = self._post(command, operation)
             elif isinstance(command, ChangeAccountStatus):
                 result = self._change_status(command, operation)
+            elif isinstance(command, UpdateAccountMetadata):
+                result = self._patch_metadata(command, operation)
             else:  # pragma: no cover - exhaustive over COMMAND_TYPES
                 raise TypeError(f"no handler for {type(command).__name__}")
         except LedgerError as error:
@@ -216,10 +219,22 @@ class _Books:
         self.events.append(operation.event("account.created", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
 
-    def _change_status(self, command: ChangeAccountStatus, operation: Operation) -> dict[str, object]:
-        account = self._account(command.tenant_id, command.account_id)
+    def _customer_account(self, tenant_id: str, account_id: UUID) -> Account:
+        account = self._account(tenant_id, account_id)
         if account is None or account.kind is not AccountKind.CUSTOMER:
-            raise AccountNotFound(f"account {command.account_id} does not exist", account_id=str(command.account_id))
+            raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+        return account
+
+    def _patch_metadata(self, command: UpdateAccountMetadata, operation: Operation) -> dict[str, object]:
+        account = self._customer_account(command.tenant_id, command.account_id)
+        account.patch_metadata(command.metadata)
+        self._touch(account)
+        body = account_json(account)
+        self.events.append(operation.event("account.updated", command.tenant_id, {"account": body}, self.now))
+        return {"account": body}
+
+    def _change_status(self, command: ChangeAccountStatus, operation: Operation) -> dict[str, object]:
+        account = self._customer_account(command.tenant_id, command.account_id)
         account.change_status(command.status)
         self._touch(account)
         body = account_json(account)

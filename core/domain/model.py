@@ -187,6 +187,12 @@ class Account:
         self.version += 1
         return Entry(self.id, amount, self.currency, self.version, new_balance)
 
+    def patch_metadata(self, patch: dict[str, str | None]) -> None:
+        """Apply a JSON merge patch (a string sets its key, None removes it); the result must stay valid."""
+        merged = {key: value for key, value in self.metadata.items() if key not in patch}
+        merged.update({key: value for key, value in patch.items() if value is not None})
+        self.metadata = validate_metadata(merged)
+
     def change_status(self, status: AccountStatus) -> None:
         if self.status is AccountStatus.CLOSED:
             raise AccountClosed(f"account {self.id} is closed", account_id=str(self.id))

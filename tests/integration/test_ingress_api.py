@@ -509,3 +509,43 @@ async def test_status_changes_stay_within_the_tenant_and_take_no_body(
     assert response.status == 400
     response = await api.post("/v1/accounts/not-a-uuid/close", headers=headers(api_key, "y"))
     assert response.status == 400
+
+
+async def patch_metadata(
+    api: TestClient[Any, Any], key: str, account: str, metadata: Any, **extra: str
+) -> tuple[int, dict[str, Any]]:
+    h = {**headers(key, uuid.uuid4().hex, **extra), "Prefer": "wait=10"}
+    response = await api.patch(f"/v1/accounts/{account}", json={"metadata": metadata}, headers=h)
+    return response.status, await response.json(content_type=None)
+
+
+async def test_metadata_is_patched_key_by_key(api: TestClient[Any, Any], api_key: str) -> None:
+    a = await new_account(api, api_key, metadata={"owner": "bob", "tier": "gold"})
+    status, doc = await patch_metadata(api, api_key, a, {"tier": "platinum", "owner": None, "ref": "crm-42"})
+    assert status == 201, doc
+    assert doc["result"]["account"]["metadata"] == {"tier": "platinum", "ref": "crm-42"}
+    account = await (await api.get(f"/v1/accounts/{a}", headers=headers(api_key))).json()
+    assert account["metadata"] == {"tier": "platinum", "ref": "crm-42"}
+    # Postings do not touch it, and it survives them.
+    assert (await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 5, "currency": "USD"}))[0] == 201
+    account = await (await api.get(f"/v1/accounts/{a}", headers=headers(api_key))).json()
+    assert (account["metadata"], account["balance"]["posted"]) == ({"tier": "platinum", "ref": "crm-42"}, 5)
+
+
+async def test_a_bad_metadata_patch_changes_nothing(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService
+) -> None:
+    a = await new_account(api, api_key, metadata={"owner": "bob"})
+    assert (await patch_metadata(api, api_key, a, {"n": 1}))[1]["code"] == "metadata-invalid"  # strings only
+    assert (await patch_metadata(api, api_key, a, {}))[1]["code"] == "metadata-invalid"  # names no key
+    assert (await patch_metadata(api, api_key, a, "x"))[0] == 422
+    # Valid alone, but 50 keys already there: the merged result must stay within the limits.
+    full = {f"k{i}": "v" for i in range(49)}
+    assert (await patch_metadata(api, api_key, a, full))[0] == 201
+    status, too_many = await patch_metadata(api, api_key, a, {"one-more": "v"})
+    assert (status, too_many["status"], too_many["problem"]["code"]) == (200, "failed", "metadata-invalid")
+    other_key = create_api_key(ledger.pool, f"t-{uuid.uuid4().hex[:12]}")[1]
+    _, theirs = await patch_metadata(api, other_key, a, {"owner": "mallory"})
+    assert theirs["problem"]["code"] == "account-not-found"
+    account = await (await api.get(f"/v1/accounts/{a}", headers=headers(api_key))).json()
+    assert account["metadata"] == {"owner": "bob", **full}

@@ -157,9 +157,14 @@ class PostgresAccounts(AccountRepository):
 
     def save(self, accounts: Sequence[Account]) -> None:
         self.conn.execute(
-            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, updated_at = now()"
-            " FROM json_to_recordset(%s::json) AS u(id uuid, b bigint, v bigint, s text) WHERE accounts.id = u.id",
-            (rows_json([{"id": a.id, "b": a.balance, "v": a.version, "s": a.status} for a in accounts]),),
+            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, metadata = u.m, updated_at = now()"
+            " FROM json_to_recordset(%s::json) AS u(id uuid, b bigint, v bigint, s text, m jsonb)"
+            " WHERE accounts.id = u.id",
+            (
+                rows_json(
+                    [{"id": a.id, "b": a.balance, "v": a.version, "s": a.status, "m": a.metadata} for a in accounts]
+                ),
+            ),
         )
 
 
