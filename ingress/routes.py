@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from core.application.commands import Command, validate_idempotency_key
-from core.application.ports import AuditUnavailable, EntryView
+from core.application.ports import AccountFilters, AuditUnavailable, EntryView
 from core.application.requests import (
     AccountMetadataBody,
     AccountStatusBody,
@@ -50,6 +50,7 @@ from ingress.schemas import (
     DeliveriesQuery,
     EventsQuery,
     WebhookEndpointBody,
+    accounts_query,
     parse_json_body,
     parse_model,
     parse_query,
@@ -262,6 +263,22 @@ async def close_account(request: web.Request) -> web.Response:
 @routes.patch("/v1/accounts/{account_id}")
 async def update_account(request: web.Request) -> web.Response:
     return await submit_metadata_patch(request)
+
+
+@routes.get("/v1/accounts")
+async def list_accounts(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    query, metadata = accounts_query(request.query)
+    filters = AccountFilters(query.currency, query.status, metadata, newest_first=query.order == "desc")
+    page = await ingress.queries.accounts(request[TENANT], filters, limit=query.limit, cursor=query.cursor)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [account_json(a) for a in page.accounts],
+            "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor,
+        }
+    )
 
 
 @routes.get("/v1/accounts/{account_id}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal, TypeVar
 
+from multidict import MultiMapping
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from core.application.requests import validation_problem
+from core.domain.errors import RequestInvalid
+from core.domain.model import MAX_METADATA_KEYS
 
 
 class EntriesQuery(BaseModel):
@@ -24,6 +28,36 @@ def parse_query(query: dict[str, str]) -> EntriesQuery:
         return EntriesQuery.model_validate(query)
     except ValidationError as exc:
         raise validation_problem(exc, status=400) from None
+
+
+class AccountsQuery(BaseModel):
+    """`GET /v1/accounts`; `metadata[key]=value` pairs are taken out before (see `accounts_query`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=500)
+    order: Literal["desc", "asc"] = "desc"  # by creation
+    currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
+    status: Literal["open", "frozen", "closed"] | None = None
+
+
+METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$", re.DOTALL)
+
+
+def accounts_query(query: MultiMapping[str]) -> tuple[AccountsQuery, tuple[tuple[str, str], ...]]:
+    """The listing's parameters, and its metadata filters (`metadata[key]=value`, each key once)."""
+    plain: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for name, value in query.items():
+        found = METADATA_PARAM.match(name)
+        target, key = (metadata, found.group(1)) if found else (plain, name)
+        if key in target:
+            raise RequestInvalid(f"query parameter {name[:80]!r} is given more than once")
+        target[key] = value
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise RequestInvalid(f"at most {MAX_METADATA_KEYS} metadata filters")
+    return parse_model(AccountsQuery, plain), tuple(sorted(metadata.items()))
 
 
 class DeliveriesQuery(BaseModel):

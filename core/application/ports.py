@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -264,6 +266,27 @@ class EntryView:
 @dataclass(frozen=True, slots=True)
 class EntryPage:
     entries: list[EntryView]
+    next_cursor: str | None  # opaque; None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFilters:
+    """What `GET /v1/accounts` may ask for; all given ones must hold."""
+
+    currency: str | None = None
+    status: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # (key, value) pairs the account's metadata must hold
+    newest_first: bool = True
+
+    def digest(self, tenant_id: str) -> str:
+        """Ties a cursor to its tenant, filters and order: any other listing refuses it."""
+        canonical = json.dumps([tenant_id, self.currency, self.status, sorted(self.metadata), self.newest_first])
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPage:
+    accounts: list[Account]
     next_cursor: str | None  # opaque; None on the last page
 
 

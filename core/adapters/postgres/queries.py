@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -14,7 +15,7 @@ from psycopg import IsolationLevel, sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.postgres.uow import ACCOUNT_COLUMNS, account_from_row, operation_from_row
-from core.application.ports import EntryPage, EntryView, LedgerQueries
+from core.application.ports import AccountFilters, AccountPage, EntryPage, EntryView, LedgerQueries
 from core.application.views import OperationResult
 from core.domain.errors import AccountNotFound, RequestInvalid
 from core.domain.model import Account
@@ -51,6 +52,56 @@ def ledger_id(pool: ConnectionPool) -> str:
 
 # One account of one tenant, as it stands.
 ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s"
+
+
+def encode_account_cursor(filters: AccountFilters, tenant_id: str, last: Account) -> str:
+    assert last.created_at is not None
+    raw = json.dumps({"f": filters.digest(tenant_id), "t": last.created_at.isoformat(), "id": str(last.id)})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_account_cursor(cursor: str, filters: AccountFilters, tenant_id: str) -> tuple[datetime, UUID]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        position = datetime.fromisoformat(raw["t"]), UUID(raw["id"])
+        belongs = raw["f"] == filters.digest(tenant_id)
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise RequestInvalid("cursor is not one this API returned") from None
+    if not belongs:
+        raise RequestInvalid("this cursor belongs to another listing: same filters and order, same API key")
+    return position
+
+
+def accounts_query(
+    tenant_id: str, filters: AccountFilters, *, limit: int, cursor: str | None
+) -> tuple[sql.Composed, dict[str, object]]:
+    """A page of the tenant's accounts on `accounts_tenant_created_idx` (metadata on `accounts_metadata_idx`);
+    one row more than `limit`, to tell whether another page follows."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    conditions: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s")]
+    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
+    if filters.currency is not None:
+        conditions.append(sql.SQL("currency = %(currency)s"))
+        params["currency"] = filters.currency
+    if filters.status is not None:
+        conditions.append(sql.SQL("status = %(status)s"))
+        params["status"] = filters.status
+    if filters.metadata:
+        conditions.append(sql.SQL("metadata @> %(metadata)s::jsonb"))
+        params["metadata"] = json.dumps(dict(filters.metadata))
+    if cursor is not None:
+        params["c_time"], params["c_id"] = decode_account_cursor(cursor, filters, tenant_id)
+        conditions.append(
+            sql.SQL("(created_at, id) {} (%(c_time)s, %(c_id)s)").format(sql.SQL("<" if filters.newest_first else ">"))
+        )
+    direction = sql.SQL("DESC" if filters.newest_first else "ASC")
+    query = sql.SQL(
+        "SELECT {columns} FROM accounts WHERE {where} ORDER BY created_at {dir}, id {dir} LIMIT %(limit)s"
+    ).format(columns=sql.SQL(ACCOUNT_COLUMNS), where=sql.SQL(" AND ").join(conditions), dir=direction)
+    return query, params
+
+
 # One operation of one tenant, pending or settled.
 OPERATION = (
     "SELECT k.operation_id, k.status, k.response FROM idempotency_keys k WHERE k.operation_id = %s AND k.tenant_id = %s"
@@ -166,6 +217,16 @@ class AsyncPostgresQueries:
         async with self.pool.connection() as conn:
             row = await (await conn.execute(ACCOUNT, (account_id, tenant_id))).fetchone()
         return account_from_row(row) if row else None
+
+    async def accounts(
+        self, tenant_id: str, filters: AccountFilters, *, limit: int, cursor: str | None = None
+    ) -> AccountPage:
+        query, params = accounts_query(tenant_id, filters, limit=limit, cursor=cursor)
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(query, params)).fetchall()
+        accounts = [account_from_row(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return AccountPage(accounts, encode_account_cursor(filters, tenant_id, accounts[-1]) if more else None)
 
     async def entries(
         self,
