@@ -32,6 +32,7 @@ from core.application.views import (
     event_json,
     operation_json,
     operation_path,
+    transaction_json,
 )
 from core.application.webhooks import EventFilter
 from core.domain.errors import (
@@ -42,6 +43,7 @@ from core.domain.errors import (
     RequestInvalid,
     RequestTimeout,
     ServiceUnavailable,
+    TransactionNotFound,
     UnsupportedMediaType,
 )
 from ingress.context import INGRESS, Ingress
@@ -49,6 +51,7 @@ from ingress.middleware import TENANT
 from ingress.schemas import (
     DeliveriesQuery,
     EventsQuery,
+    OperationsQuery,
     WebhookEndpointBody,
     accounts_query,
     parse_json_body,
@@ -313,6 +316,39 @@ async def list_entries(request: web.Request) -> web.Response:
             "next_cursor": page.next_cursor,
         }
     )
+
+
+@routes.get("/v1/operations")
+async def list_operations(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    query = parse_model(OperationsQuery, dict(request.query))
+    page = await ingress.queries.operations(
+        request[TENANT],
+        status=query.status,
+        since=query.since,
+        until=query.until,
+        limit=query.limit,
+        cursor=query.cursor,
+    )
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{**operation_json(op), "created_at": accepted.isoformat()} for op, accepted in page.operations],
+            "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@routes.get("/v1/transactions/{transaction_id}")
+async def get_transaction(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    transaction_id = path_uuid(request, "transaction_id")
+    found = await ingress.queries.transaction(request[TENANT], transaction_id)
+    if found is None:
+        raise TransactionNotFound(f"transaction {transaction_id} does not exist", transaction_id=str(transaction_id))
+    transaction, operation_id = found
+    return web.json_response({**transaction_json(transaction), "operation_id": str(operation_id)})
 
 
 @routes.get("/v1/operations/{operation_id}")

@@ -60,6 +60,18 @@ def accounts_query(query: MultiMapping[str]) -> tuple[AccountsQuery, tuple[tuple
     return parse_model(AccountsQuery, plain), tuple(sorted(metadata.items()))
 
 
+class OperationsQuery(BaseModel):
+    """`GET /v1/operations`, oldest first: for reconciliation, what was accepted and how it ended."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=500)
+    status: Literal["pending", "succeeded", "failed"] | None = None
+    since: AwareDatetime | None = None  # inclusive, on when the operation was accepted
+    until: AwareDatetime | None = None  # exclusive
+
+
 class DeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -269,6 +269,12 @@ class EntryPage:
     next_cursor: str | None  # opaque; None on the last page
 
 
+def listing_digest(tenant_id: str, *parts: object) -> str:
+    """Ties a cursor to its tenant and listing (which one, its filters, its order): any other refuses it."""
+    canonical = json.dumps([tenant_id, *[p.isoformat() if isinstance(p, datetime) else p for p in parts]])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class AccountFilters:
     """What `GET /v1/accounts` may ask for; all given ones must hold."""
@@ -279,14 +285,20 @@ class AccountFilters:
     newest_first: bool = True
 
     def digest(self, tenant_id: str) -> str:
-        """Ties a cursor to its tenant, filters and order: any other listing refuses it."""
-        canonical = json.dumps([tenant_id, self.currency, self.status, sorted(self.metadata), self.newest_first])
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return listing_digest(
+            tenant_id, "accounts", self.currency, self.status, sorted(self.metadata), self.newest_first
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class AccountPage:
     accounts: list[Account]
+    next_cursor: str | None  # opaque; None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class OperationPage:
+    operations: list[tuple[OperationResult, datetime]]  # each with when it was accepted
     next_cursor: str | None  # opaque; None on the last page
 
 

@@ -131,6 +131,10 @@ class OperationNotFound(LedgerError):
     code, title, status = "operation-not-found", "The operation does not exist", 404
 
 
+class TransactionNotFound(LedgerError):
+    code, title, status = "transaction-not-found", "The transaction does not exist", 404
+
+
 # --- webhooks ---------------------------------------------------------------------------------------------
 class WebhookUrlInvalid(LedgerError):
     code, title, status = "webhook-url-invalid", "The webhook url is not an acceptable http(s) url", 422

@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
+from psycopg import sql
 
 from core.adapters.postgres.api_keys import create_api_key, revoke_api_key
 from core.adapters.rabbitmq.commands import CommandPublisher
@@ -616,26 +617,91 @@ async def test_a_cursor_serves_only_its_own_listing(
         assert (await listing(api, api_key, query))[0] == 400, query
 
 
-def test_every_account_filter_is_backed_by_an_index(settings: Settings, tenant: str) -> None:
-    from core.adapters.postgres.queries import accounts_query
+def test_every_listing_filter_is_backed_by_an_index(settings: Settings) -> None:
+    from core.adapters.postgres.migrate import migrate
+    from core.adapters.postgres.queries import accounts_query, operations_query
     from core.application.ports import AccountFilters
 
-    with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        # A tenant of real size, so the planner weighs the indexes as it would in production: 5,000 accounts,
-        # one with the owner looked for.
-        conn.execute(
-            "INSERT INTO accounts (id, tenant_id, currency, kind, overdraft_limit, metadata)"
-            " SELECT gen_random_uuid(), %s, 'USD', 'customer', 0,"
-            " jsonb_build_object('owner', CASE WHEN n = 2500 THEN 'bob' ELSE 'owner-' || n END)"
-            " FROM generate_series(1, 5000) AS n",
-            (tenant,),
-        )
-        conn.execute("ANALYZE accounts")
-        for filters, index in [
-            (AccountFilters(), "accounts_tenant_created_idx"),
-            (AccountFilters(currency="USD", status="open"), "accounts_tenant_created_idx"),
-            (AccountFilters(metadata=(("owner", "bob"),)), "accounts_metadata_idx"),
-        ]:
-            query, params = accounts_query(tenant, filters, limit=10, cursor=None)
-            plan = "\n".join(row[0] for row in conn.execute(b"EXPLAIN " + query.as_bytes(conn), params).fetchall())
-            assert index in plan, plan
+    name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_plans"
+    scratch = settings.replace(database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name))
+    migrate(scratch)
+    try:
+        with psycopg.connect(scratch.database_url, autocommit=True) as conn:
+            # Tenants of real size, so the planner weighs the indexes as it would in production: 20 tenants of
+            # 500 accounts and operations each; one account (of t0) has the owner looked for.
+            conn.execute(
+                "INSERT INTO accounts (id, tenant_id, currency, kind, overdraft_limit, metadata)"
+                " SELECT gen_random_uuid(), 't' || (n % 20), 'USD', 'customer', 0,"
+                " jsonb_build_object('owner', CASE WHEN n = 2500 THEN 'bob' ELSE 'owner-' || n END)"
+                " FROM generate_series(1, 10000) AS n"
+            )
+            conn.execute(
+                "WITH ops AS (INSERT INTO operations (id, tenant_id, command_type, request)"
+                " SELECT gen_random_uuid(), 't' || (n % 20), 'credit', '{}' FROM generate_series(1, 10000) AS n"
+                " RETURNING id, tenant_id)"
+                " INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
+                " SELECT tenant_id, id::text, 'f', id FROM ops"
+            )
+            conn.execute("ANALYZE")
+            plans = []
+            for filters in (AccountFilters(), AccountFilters(currency="USD", status="open")):
+                plans.append(("accounts_tenant_created_idx", *accounts_query("t0", filters, limit=10, cursor=None)))
+            metadata = AccountFilters(metadata=(("owner", "bob"),))
+            plans.append(("accounts_metadata_idx", *accounts_query("t0", metadata, limit=10, cursor=None)))
+            operations, params, _ = operations_query(
+                "t0", status="failed", since=None, until=None, limit=10, cursor=None
+            )
+            plans.append(("idempotency_keys_tenant_created_idx", operations, params))
+            for index, query, params in plans:
+                explained = conn.execute(b"EXPLAIN " + query.as_bytes(conn), params).fetchall()
+                plan = "\n".join(row[0] for row in explained)
+                assert index in plan, plan
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+async def test_a_transaction_is_found_with_its_entries(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService
+) -> None:
+    a, b = await new_account(api, api_key), await new_account(api, api_key)
+    await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 900, "currency": "USD"})
+    _, moved = await post(
+        api,
+        "/v1/transfers",
+        api_key,
+        {"source_id": a, "destination_id": b, "amount": 300, "currency": "USD", "metadata": {"ref": "inv-9"}},
+    )
+    transaction_id = moved["result"]["transaction"]["id"]
+    response = await api.get(f"/v1/transactions/{transaction_id}", headers=headers(api_key))
+    assert response.status == 200
+    found = await response.json()
+    assert (found["kind"], found["metadata"], found["operation_id"]) == ("transfer", {"ref": "inv-9"}, moved["id"])
+    assert sorted((e["account_id"], e["amount"]) for e in found["entries"]) == sorted([(a, -300), (b, 300)])
+    assert found == {**moved["result"]["transaction"], "operation_id": moved["id"]}
+    other_key = create_api_key(ledger.pool, f"t-{uuid.uuid4().hex[:12]}")[1]
+    for key, target in [(other_key, transaction_id), (api_key, str(uuid.uuid4()))]:
+        response = await api.get(f"/v1/transactions/{target}", headers=headers(key))
+        assert (response.status, (await response.json())["code"]) == (404, "transaction-not-found")
+
+
+async def test_operations_are_listed_for_reconciliation(api: TestClient[Any, Any], api_key: str) -> None:
+    a = await new_account(api, api_key)
+    _, ok = await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 5, "currency": "USD"})
+    _, refused = await post(api, "/v1/debits", api_key, {"account_id": a, "amount": 50, "currency": "USD"})
+    response = await api.get("/v1/operations", headers=headers(api_key))
+    listed = (await response.json())["data"]
+    assert [o["status"] for o in listed] == ["succeeded", "succeeded", "failed"]  # oldest first
+    assert [o["id"] for o in listed][1:] == [ok["id"], refused["id"]]
+    failed = (await (await api.get("/v1/operations?status=failed", headers=headers(api_key))).json())["data"]
+    assert [(o["id"], o["problem"]["code"]) for o in failed] == [(refused["id"], "insufficient-funds")]
+    page = await (await api.get("/v1/operations?limit=2", headers=headers(api_key))).json()
+    rest = await (
+        await api.get(f"/v1/operations?limit=2&cursor={page['next_cursor']}", headers=headers(api_key))
+    ).json()
+    assert [o["id"] for o in page["data"] + rest["data"]] == [o["id"] for o in listed] and not rest["has_more"]
+    wrong = await api.get(f"/v1/operations?status=failed&cursor={page['next_cursor']}", headers=headers(api_key))
+    assert (wrong.status, (await wrong.json())["code"]) == (400, "request-invalid")
+    later = listed[-1]["created_at"]
+    since = await (await api.get("/v1/operations", params={"since": later}, headers=headers(api_key))).json()
+    assert [o["id"] for o in since["data"]] == [refused["id"]]

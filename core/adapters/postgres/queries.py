@@ -15,10 +15,18 @@ from psycopg import IsolationLevel, sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.postgres.uow import ACCOUNT_COLUMNS, account_from_row, operation_from_row
-from core.application.ports import AccountFilters, AccountPage, EntryPage, EntryView, LedgerQueries
+from core.application.ports import (
+    AccountFilters,
+    AccountPage,
+    EntryPage,
+    EntryView,
+    LedgerQueries,
+    OperationPage,
+    listing_digest,
+)
 from core.application.views import OperationResult
 from core.domain.errors import AccountNotFound, RequestInvalid
-from core.domain.model import Account
+from core.domain.model import Account, Entry, Transaction, TransactionKind
 
 # Largest page a reader may ask for, in entries.
 MAX_PAGE_SIZE = 1000
@@ -54,24 +62,6 @@ def ledger_id(pool: ConnectionPool) -> str:
 ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s"
 
 
-def encode_account_cursor(filters: AccountFilters, tenant_id: str, last: Account) -> str:
-    assert last.created_at is not None
-    raw = json.dumps({"f": filters.digest(tenant_id), "t": last.created_at.isoformat(), "id": str(last.id)})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_account_cursor(cursor: str, filters: AccountFilters, tenant_id: str) -> tuple[datetime, UUID]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        position = datetime.fromisoformat(raw["t"]), UUID(raw["id"])
-        belongs = raw["f"] == filters.digest(tenant_id)
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise RequestInvalid("cursor is not one this API returned") from None
-    if not belongs:
-        raise RequestInvalid("this cursor belongs to another listing: same filters and order, same API key")
-    return position
-
-
 def accounts_query(
     tenant_id: str, filters: AccountFilters, *, limit: int, cursor: str | None
 ) -> tuple[sql.Composed, dict[str, object]]:
@@ -91,7 +81,7 @@ def accounts_query(
         conditions.append(sql.SQL("metadata @> %(metadata)s::jsonb"))
         params["metadata"] = json.dumps(dict(filters.metadata))
     if cursor is not None:
-        params["c_time"], params["c_id"] = decode_account_cursor(cursor, filters, tenant_id)
+        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, filters.digest(tenant_id))
         conditions.append(
             sql.SQL("(created_at, id) {} (%(c_time)s, %(c_id)s)").format(sql.SQL("<" if filters.newest_first else ">"))
         )
@@ -100,6 +90,68 @@ def accounts_query(
         "SELECT {columns} FROM accounts WHERE {where} ORDER BY created_at {dir}, id {dir} LIMIT %(limit)s"
     ).format(columns=sql.SQL(ACCOUNT_COLUMNS), where=sql.SQL(" AND ").join(conditions), dir=direction)
     return query, params
+
+
+# One transaction of one tenant with its entries, in sequence order per account.
+TRANSACTION = (
+    "SELECT t.id, t.tenant_id, t.kind, t.operation_id, t.metadata, t.created_at,"
+    " e.account_id, e.amount, e.currency, e.sequence, e.balance_after"
+    " FROM transactions t JOIN entries e ON e.transaction_id = t.id"
+    " WHERE t.id = %s AND t.tenant_id = %s ORDER BY e.account_id, e.sequence"
+)
+
+
+def operations_query(
+    tenant_id: str,
+    *,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[sql.Composed, dict[str, object], str]:
+    """A page of the tenant's operations, oldest first, on `idempotency_keys_tenant_created_idx`; one row more
+    than `limit`. The cursor carries the filters' digest: another listing refuses it."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    if since and until and since >= until:
+        raise RequestInvalid("'since' must be before 'until'")
+    conditions: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s")]
+    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
+    for name, value, condition in (
+        ("status", status, "status = %(status)s"),
+        ("since", since, "created_at >= %(since)s"),
+        ("until", until, "created_at < %(until)s"),
+    ):
+        if value is not None:
+            conditions.append(sql.SQL(condition))  # constant SQL written above
+            params[name] = value
+    digest = listing_digest(tenant_id, "operations", status, since, until)
+    if cursor is not None:
+        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, digest)
+        conditions.append(sql.SQL("(created_at, operation_id) > (%(c_time)s, %(c_id)s)"))
+    query = sql.SQL(
+        "SELECT operation_id, status, response, created_at FROM idempotency_keys WHERE {where}"
+        " ORDER BY created_at, operation_id LIMIT %(limit)s"
+    ).format(where=sql.SQL(" AND ").join(conditions))
+    return query, params, digest
+
+
+def encode_keyset_cursor(digest: str, created_at: datetime, row_id: UUID) -> str:
+    raw = json.dumps({"f": digest, "t": created_at.isoformat(), "id": str(row_id)})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_keyset_cursor(cursor: str, digest: str) -> tuple[datetime, UUID]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        position = datetime.fromisoformat(raw["t"]), UUID(raw["id"])
+        belongs = raw["f"] == digest
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise RequestInvalid("cursor is not one this API returned") from None
+    if not belongs:
+        raise RequestInvalid("this cursor belongs to another listing: same filters and order, same API key")
+    return position
 
 
 # One operation of one tenant, pending or settled.
@@ -226,7 +278,43 @@ class AsyncPostgresQueries:
             rows = await (await conn.execute(query, params)).fetchall()
         accounts = [account_from_row(row) for row in rows[:limit]]
         more = len(rows) > limit
-        return AccountPage(accounts, encode_account_cursor(filters, tenant_id, accounts[-1]) if more else None)
+        last = accounts[-1]
+        assert last.created_at is not None  # read from the table, where it is NOT NULL
+        cursor_next = encode_keyset_cursor(filters.digest(tenant_id), last.created_at, last.id) if more else None
+        return AccountPage(accounts, cursor_next)
+
+    async def transaction(self, tenant_id: str, transaction_id: UUID) -> tuple[Transaction, UUID] | None:
+        """The tenant's transaction with its entries, and the operation that posted it."""
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(TRANSACTION, (transaction_id, tenant_id))).fetchall()
+        if not rows:
+            return None
+        tx_id, tenant, kind, operation_id, metadata, created_at = rows[0][:6]
+        entries = tuple(Entry(*row[6:]) for row in rows)
+        return Transaction(tx_id, tenant, TransactionKind(kind), entries, metadata, created_at), operation_id
+
+    async def operations(
+        self,
+        tenant_id: str,
+        *,
+        status: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int,
+        cursor: str | None = None,
+    ) -> OperationPage:
+        query, params, digest = operations_query(
+            tenant_id, status=status, since=since, until=until, limit=limit, cursor=cursor
+        )
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(query, params)).fetchall()
+        page = [(operation_from_row(op_id, state, response), created_at) for op_id, state, response, created_at in rows]
+        shown = page[:limit]
+        next_cursor = None
+        if len(page) > limit:
+            last, created_at = shown[-1]
+            next_cursor = encode_keyset_cursor(digest, created_at, last.operation_id)
+        return OperationPage([(operation, created_at) for operation, created_at in shown], next_cursor)
 
     async def entries(
         self,
