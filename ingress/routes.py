@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from core.application.commands import Command, validate_idempotency_key
-from core.application.ports import AccountFilters, AuditUnavailable, EntryView
+from core.application.ports import AccountFilters, AuditUnavailable, EntryView, TransactionFilters
 from core.application.requests import (
     AccountMetadataBody,
     AccountStatusBody,
@@ -49,14 +49,16 @@ from core.domain.errors import (
 from ingress.context import INGRESS, Ingress
 from ingress.middleware import TENANT
 from ingress.schemas import (
+    AccountsQuery,
     DeliveriesQuery,
     EventsQuery,
     OperationsQuery,
+    TransactionsQuery,
     WebhookEndpointBody,
-    accounts_query,
     parse_json_body,
     parse_model,
     parse_query,
+    query_with_metadata,
 )
 
 routes = web.RouteTableDef()
@@ -271,7 +273,7 @@ async def update_account(request: web.Request) -> web.Response:
 @routes.get("/v1/accounts")
 async def list_accounts(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
-    query, metadata = accounts_query(request.query)
+    query, metadata = query_with_metadata(AccountsQuery, request.query)
     filters = AccountFilters(query.currency, query.status, metadata, newest_first=query.order == "desc")
     page = await ingress.queries.accounts(request[TENANT], filters, limit=query.limit, cursor=query.cursor)
     return web.json_response(
@@ -334,6 +336,24 @@ async def list_operations(request: web.Request) -> web.Response:
         {
             "object": "list",
             "data": [{**operation_json(op), "created_at": accepted.isoformat()} for op, accepted in page.operations],
+            "has_more": page.next_cursor is not None,
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+@routes.get("/v1/transactions")
+async def list_transactions(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    query, metadata = query_with_metadata(TransactionsQuery, request.query)
+    filters = TransactionFilters(
+        query.account_id, query.kind, query.since, query.until, metadata, newest_first=query.order == "desc"
+    )
+    page = await ingress.queries.transactions(request[TENANT], filters, limit=query.limit, cursor=query.cursor)
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [{**transaction_json(t), "operation_id": str(op)} for t, op in page.transactions],
             "has_more": page.next_cursor is not None,
             "next_cursor": page.next_cursor,
         }

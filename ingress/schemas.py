@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal, TypeVar
+from uuid import UUID
 
 from multidict import MultiMapping
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
@@ -31,7 +32,7 @@ def parse_query(query: dict[str, str]) -> EntriesQuery:
 
 
 class AccountsQuery(BaseModel):
-    """`GET /v1/accounts`; `metadata[key]=value` pairs are taken out before (see `accounts_query`)."""
+    """`GET /v1/accounts`; `metadata[key]=value` pairs are taken out before (see `query_with_metadata`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -45,8 +46,22 @@ class AccountsQuery(BaseModel):
 METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$", re.DOTALL)
 
 
-def accounts_query(query: MultiMapping[str]) -> tuple[AccountsQuery, tuple[tuple[str, str], ...]]:
-    """The listing's parameters, and its metadata filters (`metadata[key]=value`, each key once)."""
+class TransactionsQuery(BaseModel):
+    """`GET /v1/transactions`; `metadata[key]=value` pairs are taken out before (see `query_with_metadata`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    limit: int = Field(100, ge=1, le=1000)
+    cursor: str | None = Field(None, max_length=500)
+    order: Literal["desc", "asc"] = "desc"  # by time
+    account_id: UUID | None = None  # transactions with an entry on this account
+    kind: Literal["credit", "debit", "transfer"] | None = None
+    since: AwareDatetime | None = None  # inclusive
+    until: AwareDatetime | None = None  # exclusive
+
+
+def query_with_metadata(model: type[M], query: MultiMapping[str]) -> tuple[M, tuple[tuple[str, str], ...]]:
+    """A listing's parameters, and its metadata filters (`metadata[key]=value`, each key once)."""
     plain: dict[str, str] = {}
     metadata: dict[str, str] = {}
     for name, value in query.items():
@@ -57,7 +72,7 @@ def accounts_query(query: MultiMapping[str]) -> tuple[AccountsQuery, tuple[tuple
         target[key] = value
     if len(metadata) > MAX_METADATA_KEYS:
         raise RequestInvalid(f"at most {MAX_METADATA_KEYS} metadata filters")
-    return parse_model(AccountsQuery, plain), tuple(sorted(metadata.items()))
+    return parse_model(model, plain), tuple(sorted(metadata.items()))
 
 
 class OperationsQuery(BaseModel):

@@ -297,6 +297,37 @@ class AccountPage:
 
 
 @dataclass(frozen=True, slots=True)
+class TransactionFilters:
+    """What `GET /v1/transactions` may ask for; all given ones must hold."""
+
+    account_id: UUID | None = None  # transactions with an entry on this account
+    kind: str | None = None
+    since: datetime | None = None  # inclusive
+    until: datetime | None = None  # exclusive
+    metadata: tuple[tuple[str, str], ...] = ()
+    newest_first: bool = True
+
+    def digest(self, tenant_id: str) -> str:
+        account = None if self.account_id is None else str(self.account_id)
+        return listing_digest(
+            tenant_id,
+            "transactions",
+            account,
+            self.kind,
+            self.since,
+            self.until,
+            sorted(self.metadata),
+            self.newest_first,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionPage:
+    transactions: list[tuple[Transaction, UUID]]  # each with the operation that posted it
+    next_cursor: str | None  # opaque; None on the last page
+
+
+@dataclass(frozen=True, slots=True)
 class OperationPage:
     operations: list[tuple[OperationResult, datetime]]  # each with when it was accepted
     next_cursor: str | None  # opaque; None on the last page

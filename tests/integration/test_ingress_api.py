@@ -619,8 +619,8 @@ async def test_a_cursor_serves_only_its_own_listing(
 
 def test_every_listing_filter_is_backed_by_an_index(settings: Settings) -> None:
     from core.adapters.postgres.migrate import migrate
-    from core.adapters.postgres.queries import accounts_query, operations_query
-    from core.application.ports import AccountFilters
+    from core.adapters.postgres.queries import accounts_query, operations_query, transactions_query
+    from core.application.ports import AccountFilters, TransactionFilters
 
     name = f"{psycopg.conninfo.conninfo_to_dict(settings.database_url)['dbname']}_plans"
     scratch = settings.replace(database_url=psycopg.conninfo.make_conninfo(settings.database_url, dbname=name))
@@ -642,6 +642,21 @@ def test_every_listing_filter_is_backed_by_an_index(settings: Settings) -> None:
                 " INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
                 " SELECT tenant_id, id::text, 'f', id FROM ops"
             )
+            conn.execute(
+                "WITH tx AS (INSERT INTO transactions (id, tenant_id, kind, operation_id, metadata, created_at)"
+                " SELECT gen_random_uuid(), 't' || (n % 20), 'credit', gen_random_uuid(),"
+                " jsonb_build_object('owner', CASE WHEN n = 2500 THEN 'bob' ELSE 'owner-' || n END), now()"
+                " FROM generate_series(1, 10000) AS n RETURNING id)"
+                " SELECT count(*) FROM tx"
+            )
+            conn.execute(  # one entry per account, on the transaction of the same rank in its tenant
+                "WITH a AS (SELECT id, tenant_id, row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS r"
+                " FROM accounts), t AS (SELECT id, tenant_id, created_at,"
+                " row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS r FROM transactions)"
+                " INSERT INTO entries (transaction_id, account_id, sequence, amount, currency, balance_after,"
+                " created_at) SELECT t.id, a.id, 1, 1, 'USD', 1, t.created_at"
+                " FROM t JOIN a ON a.tenant_id = t.tenant_id AND a.r = t.r"
+            )
             conn.execute("ANALYZE")
             plans = []
             for filters in (AccountFilters(), AccountFilters(currency="USD", status="open")):
@@ -652,10 +667,22 @@ def test_every_listing_filter_is_backed_by_an_index(settings: Settings) -> None:
                 "t0", status="failed", since=None, until=None, limit=10, cursor=None
             )
             plans.append(("idempotency_keys_tenant_created_idx", operations, params))
+            plans.append(
+                (
+                    "transactions_tenant_created_idx",
+                    *transactions_query("t0", TransactionFilters(), limit=10, cursor=None),
+                )
+            )
+            by_metadata = TransactionFilters(metadata=(("owner", "bob"),))
+            plans.append(("transactions_metadata_idx", *transactions_query("t0", by_metadata, limit=10, cursor=None)))
+            by_account = TransactionFilters(account_id=uuid.uuid4())
+            plans.append(("entries_account_time_idx", *transactions_query("t0", by_account, limit=10, cursor=None)))
             for index, query, params in plans:
                 explained = conn.execute(b"EXPLAIN " + query.as_bytes(conn), params).fetchall()
                 plan = "\n".join(row[0] for row in explained)
-                assert index in plan, plan
+                assert any(f" using {name} on " in plan.lower() or f"on {name}" in plan for name in index.split("|")), (
+                    plan
+                )
     finally:
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -705,3 +732,40 @@ async def test_operations_are_listed_for_reconciliation(api: TestClient[Any, Any
     later = listed[-1]["created_at"]
     since = await (await api.get("/v1/operations", params={"since": later}, headers=headers(api_key))).json()
     assert [o["id"] for o in since["data"]] == [refused["id"]]
+
+
+async def test_transactions_are_listed_by_account_kind_time_and_metadata(
+    api: TestClient[Any, Any], api_key: str, ledger: LedgerService
+) -> None:
+    a, b = await new_account(api, api_key), await new_account(api, api_key)
+    made = []
+    for path, body in [
+        ("/v1/credits", {"account_id": a, "amount": 1_000, "currency": "USD", "metadata": {"batch": "march"}}),
+        ("/v1/transfers", {"source_id": a, "destination_id": b, "amount": 300, "currency": "USD"}),
+        ("/v1/debits", {"account_id": b, "amount": 100, "currency": "USD", "metadata": {"batch": "march"}}),
+        ("/v1/credits", {"account_id": b, "amount": 7, "currency": "USD"}),
+    ]:
+        status, doc = await post(api, path, api_key, body)
+        assert status == 201, doc
+        made.append(doc["result"]["transaction"]["id"])
+
+    async def ids(query: str = "", key: str = api_key) -> list[str]:
+        response = await api.get(f"/v1/transactions{query}", headers=headers(key))
+        assert response.status == 200, await response.text()
+        return [t["id"] for t in (await response.json())["data"]]
+
+    assert await ids() == made[::-1]
+    assert await ids("?order=asc") == made
+    assert await ids(f"?account_id={a}") == [made[1], made[0]]
+    assert await ids(f"?account_id={b}&order=asc") == made[1:]
+    assert await ids("?kind=credit") == [made[3], made[0]]
+    assert await ids("?metadata[batch]=march") == [made[2], made[0]]
+    assert await ids(f"?metadata[batch]=march&account_id={b}") == [made[2]]
+    first = await (await api.get("/v1/transactions?limit=1&order=asc", headers=headers(api_key))).json()
+    assert first["data"][0]["entries"] and first["data"][0]["operation_id"]
+    rest = await ids(f"?limit=10&order=asc&cursor={first['next_cursor']}")
+    assert rest == made[1:]
+    wrong = await api.get(f"/v1/transactions?kind=debit&cursor={first['next_cursor']}", headers=headers(api_key))
+    assert (wrong.status, (await wrong.json())["code"]) == (400, "request-invalid")
+    other_key = create_api_key(ledger.pool, f"t-{uuid.uuid4().hex[:12]}")[1]
+    assert await ids(key=other_key) == [] and await ids(f"?account_id={a}", key=other_key) == []

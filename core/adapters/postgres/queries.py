@@ -22,6 +22,8 @@ from core.application.ports import (
     EntryView,
     LedgerQueries,
     OperationPage,
+    TransactionFilters,
+    TransactionPage,
     listing_digest,
 )
 from core.application.views import OperationResult
@@ -92,13 +94,67 @@ def accounts_query(
     return query, params
 
 
-# One transaction of one tenant with its entries, in sequence order per account.
-TRANSACTION = (
+def transactions_query(
+    tenant_id: str, filters: TransactionFilters, *, limit: int, cursor: str | None
+) -> tuple[sql.Composed, dict[str, object]]:
+    """A page of the tenant's transactions (ids and times), on `transactions_tenant_created_idx`, metadata on
+    `transactions_metadata_idx`, an account's through `entries_account_time_idx`; one row more than `limit`."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    if filters.since and filters.until and filters.since >= filters.until:
+        raise RequestInvalid("'since' must be before 'until'")
+    conditions: list[sql.Composable] = [sql.SQL("t.tenant_id = %(tenant)s")]
+    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
+    if filters.account_id is not None:
+        conditions.append(sql.SQL("t.id IN (SELECT e.transaction_id FROM entries e WHERE e.account_id = %(account)s)"))
+        params["account"] = filters.account_id
+    if filters.kind is not None:
+        conditions.append(sql.SQL("t.kind = %(kind)s"))
+        params["kind"] = filters.kind
+    if filters.since is not None:
+        conditions.append(sql.SQL("t.created_at >= %(since)s"))
+        params["since"] = filters.since
+    if filters.until is not None:
+        conditions.append(sql.SQL("t.created_at < %(until)s"))
+        params["until"] = filters.until
+    if filters.metadata:
+        conditions.append(sql.SQL("t.metadata @> %(metadata)s::jsonb"))
+        params["metadata"] = json.dumps(dict(filters.metadata))
+    if cursor is not None:
+        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, filters.digest(tenant_id))
+        conditions.append(
+            sql.SQL("(t.created_at, t.id) {} (%(c_time)s, %(c_id)s)").format(
+                sql.SQL("<" if filters.newest_first else ">")
+            )
+        )
+    direction = sql.SQL("DESC" if filters.newest_first else "ASC")
+    query = sql.SQL(
+        "SELECT t.id, t.created_at FROM transactions t WHERE {where}"
+        " ORDER BY t.created_at {dir}, t.id {dir} LIMIT %(limit)s"
+    ).format(where=sql.SQL(" AND ").join(conditions), dir=direction)
+    return query, params
+
+
+# The transactions of a page with their entries and operations, in the page's order.
+TRANSACTIONS = (
     "SELECT t.id, t.tenant_id, t.kind, t.operation_id, t.metadata, t.created_at,"
     " e.account_id, e.amount, e.currency, e.sequence, e.balance_after"
     " FROM transactions t JOIN entries e ON e.transaction_id = t.id"
-    " WHERE t.id = %s AND t.tenant_id = %s ORDER BY e.account_id, e.sequence"
+    " WHERE t.id = ANY(%s) AND t.tenant_id = %s ORDER BY e.account_id, e.sequence"
 )
+
+
+def transactions_from_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[Transaction, UUID]]:
+    """(transaction, its operation) for each transaction of `TRANSACTIONS` rows, in first-seen order."""
+    grouped: dict[UUID, list[Sequence[Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row[0], []).append(row)
+    found = []
+    for group in grouped.values():
+        tx_id, tenant, kind, operation_id, metadata, created_at = group[0][:6]
+        entries = tuple(Entry(*row[6:]) for row in group)
+        found.append((Transaction(tx_id, tenant, TransactionKind(kind), entries, metadata, created_at), operation_id))
+    return found
 
 
 def operations_query(
@@ -277,21 +333,32 @@ class AsyncPostgresQueries:
         async with self.pool.connection() as conn:
             rows = await (await conn.execute(query, params)).fetchall()
         accounts = [account_from_row(row) for row in rows[:limit]]
-        more = len(rows) > limit
-        last = accounts[-1]
-        assert last.created_at is not None  # read from the table, where it is NOT NULL
-        cursor_next = encode_keyset_cursor(filters.digest(tenant_id), last.created_at, last.id) if more else None
-        return AccountPage(accounts, cursor_next)
+        next_cursor = None
+        if len(rows) > limit:  # the last shown row is where the next page starts
+            last_id, last_created_at = rows[limit - 1][0], rows[limit - 1][-1]
+            next_cursor = encode_keyset_cursor(filters.digest(tenant_id), last_created_at, last_id)
+        return AccountPage(accounts, next_cursor)
 
     async def transaction(self, tenant_id: str, transaction_id: UUID) -> tuple[Transaction, UUID] | None:
         """The tenant's transaction with its entries, and the operation that posted it."""
         async with self.pool.connection() as conn:
-            rows = await (await conn.execute(TRANSACTION, (transaction_id, tenant_id))).fetchall()
-        if not rows:
-            return None
-        tx_id, tenant, kind, operation_id, metadata, created_at = rows[0][:6]
-        entries = tuple(Entry(*row[6:]) for row in rows)
-        return Transaction(tx_id, tenant, TransactionKind(kind), entries, metadata, created_at), operation_id
+            rows = await (await conn.execute(TRANSACTIONS, ([transaction_id], tenant_id))).fetchall()
+        found = transactions_from_rows(rows)
+        return found[0] if found else None
+
+    async def transactions(
+        self, tenant_id: str, filters: TransactionFilters, *, limit: int, cursor: str | None = None
+    ) -> TransactionPage:
+        query, params = transactions_query(tenant_id, filters, limit=limit, cursor=cursor)
+        async with self.pool.connection() as conn:
+            page = await (await conn.execute(query, params)).fetchall()
+            shown = page[:limit]
+            rows = await (await conn.execute(TRANSACTIONS, ([row[0] for row in shown], tenant_id))).fetchall()
+        by_id = {transaction.id: (transaction, operation) for transaction, operation in transactions_from_rows(rows)}
+        next_cursor = None
+        if len(page) > limit:
+            next_cursor = encode_keyset_cursor(filters.digest(tenant_id), shown[-1][1], shown[-1][0])
+        return TransactionPage([by_id[row[0]] for row in shown if row[0] in by_id], next_cursor)
 
     async def operations(
         self,
