@@ -44,6 +44,19 @@ API_KEY_CACHE_SIZE = 10_000
 UNKNOWN_API_KEY_CACHE_SIZE = 10_000
 
 
+def occurrence(request: web.Request) -> str:
+    """The problem document's `instance`: this request's id as a URN, which the logs carry too. Not the path,
+    which is the client's input and may hold anything, a secret included, that must not be echoed back."""
+    return f"urn:cleanledger:request:{request.get(REQUEST_ID, 'unknown')}"
+
+
+def route_of(request: web.Request) -> str:
+    """The path as the access log records it: the matched route's template, never the raw path."""
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "(no route)"
+
+
 def problem_response(error: LedgerError, *, instance: str | None = None) -> web.Response:
     body: dict[str, Any] = error.to_problem()
     if instance:
@@ -69,7 +82,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     log.info(
         "http.request",
         method=request.method,
-        path=request.path,
+        route=route_of(request),
         status=response.status,
         duration_ms=round((time.perf_counter() - started) * 1000, 2),
     )
@@ -84,32 +97,34 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except LedgerError as error:
         if error.status >= 500:
             log.warning("http.problem", code=error.code, detail=error.detail)
-        response = problem_response(error, instance=request.path)
+        response = problem_response(error, instance=occurrence(request))
         if isinstance(error, RequestTimeout) or request.content.exception() is not None:
             return await answer_and_hang_up(request, response)
         return response
     except web.HTTPRequestEntityTooLarge:
-        return problem_response(PayloadTooLarge(), instance=request.path)
+        return problem_response(PayloadTooLarge(), instance=occurrence(request))
     except web.HTTPNotFound:
-        return problem_response(NotFound(f"no resource at {request.path}"), instance=request.path)
+        return problem_response(NotFound("no resource at this path"), instance=occurrence(request))
     except web.HTTPMethodNotAllowed as exc:
-        response = problem_response(MethodNotAllowed(f"{request.method} is not allowed here"), instance=request.path)
+        response = problem_response(
+            MethodNotAllowed(f"{request.method} is not allowed here"), instance=occurrence(request)
+        )
         response.headers["Allow"] = ",".join(sorted(exc.allowed_methods))
         return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         mapped = RequestInvalid(exc.reason) if exc.status < 500 else LedgerError(exc.reason)
-        error_response = problem_response(mapped, instance=request.path)
+        error_response = problem_response(mapped, instance=occurrence(request))
         error_response.set_status(exc.status)
         return error_response
     except psycopg.OperationalError as exc:  # PostgreSQL down or restarting: come back, nothing was done
         log.warning("http.database_unavailable", error=type(exc).__name__)
         unavailable = ServiceUnavailable("the database is unreachable; retry later", retry_after=1)
-        return problem_response(unavailable, instance=request.path)
+        return problem_response(unavailable, instance=occurrence(request))
     except Exception:
         log.exception("http.unhandled")
-        return problem_response(LedgerError("an unexpected error occurred"), instance=request.path)
+        return problem_response(LedgerError("an unexpected error occurred"), instance=occurrence(request))
 
 
 def _problem_for_unhandled(
