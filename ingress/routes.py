@@ -22,6 +22,7 @@ from core.application.requests import (
     DebitBody,
     EmptyBody,
     MetadataPatchBody,
+    TransactionBody,
     TransferBody,
     parse_body,
 )
@@ -248,6 +249,11 @@ async def create_debit(request: web.Request) -> web.Response:
 @routes.post("/v1/transfers")
 async def create_transfer(request: web.Request) -> web.Response:
     return await submit(request, TransferBody)
+
+
+@routes.post("/v1/transactions")
+async def create_transaction(request: web.Request) -> web.Response:
+    return await submit(request, TransactionBody)
 
 
 @routes.post("/v1/accounts/{account_id}/freeze")

@@ -55,7 +55,7 @@ class TransactionsQuery(BaseModel):
     cursor: str | None = Field(None, max_length=500)
     order: Literal["desc", "asc"] = "desc"  # by time
     account_id: UUID | None = None  # transactions with an entry on this account
-    kind: Literal["credit", "debit", "transfer"] | None = None
+    kind: Literal["credit", "debit", "transfer", "multi_leg"] | None = None
     since: AwareDatetime | None = None  # inclusive
     until: AwareDatetime | None = None  # exclusive
 

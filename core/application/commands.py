@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from core.domain.errors import IdempotencyKeyInvalid, MetadataInvalid, SameAccount, ValidationFailed
+from core.domain.errors import AmountInvalid, IdempotencyKeyInvalid, MetadataInvalid, SameAccount, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
-from core.domain.money import Money, validate_currency
+from core.domain.money import MAX_POSTING_AMOUNT, Money, validate_currency
 
 # UUID versions a client may choose an account id from: random (4) and time-ordered (7). System accounts' ids
 # are derived (version 5, `core.domain.ids.external_account_id`).
@@ -149,9 +149,65 @@ class UpdateAccountMetadata(Command):
         validate_metadata({key: "" if value is None else value for key, value in self.metadata.items()})
 
 
-PostingCommand = Credit | Debit | Transfer
+# Legs one transaction may hold at most.
+MAX_LEGS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Leg:
+    """One line of a multi-leg transaction: a signed amount (> 0 credits the account, < 0 debits it)."""
+
+    account_id: UUID
+    amount: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class PostTransaction(Command):
+    """Up to MAX_LEGS legs posted atomically across the tenant's accounts, each currency summing to zero: a
+    payment with its fee split, or an exchange through liquidity accounts. All legs post, or none."""
+
+    type: ClassVar[str] = "post_transaction"
+    legs: tuple[Leg, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(PostTransaction, self).__post_init__()
+        validate_metadata(self.metadata)
+        if not 2 <= len(self.legs) <= MAX_LEGS:
+            raise ValidationFailed(f"a transaction has 2 to {MAX_LEGS} legs")
+        totals: dict[str, int] = {}
+        seen: set[UUID] = set()
+        for index, leg in enumerate(self.legs):
+            validate_currency(leg.currency)
+            if type(leg.amount) is not int or leg.amount == 0 or abs(leg.amount) > MAX_POSTING_AMOUNT:
+                raise AmountInvalid(
+                    f"leg {index}: an amount is a non-zero integer of at most {MAX_POSTING_AMOUNT} minor units",
+                    leg=index,
+                )
+            if leg.account_id in seen:
+                raise ValidationFailed(f"leg {index}: account {leg.account_id} appears twice", leg=index)
+            seen.add(leg.account_id)
+            totals[leg.currency] = totals.get(leg.currency, 0) + leg.amount
+        unbalanced = sorted(currency for currency, total in totals.items() if total != 0)
+        if unbalanced:
+            raise ValidationFailed(f"the legs must sum to zero in each currency: {', '.join(unbalanced)} do not")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "tenant_id": self.tenant_id,
+            "legs": [
+                {"account_id": str(leg.account_id), "amount": leg.amount, "currency": leg.currency} for leg in self.legs
+            ],
+            "metadata": self.metadata,
+        }
+
+
+PostingCommand = Credit | Debit | Transfer | PostTransaction
 COMMAND_TYPES: dict[str, type[Command]] = {
-    cls.type: cls for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus, UpdateAccountMetadata)
+    cls.type: cls
+    for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus, UpdateAccountMetadata, PostTransaction)
 }
 
 
@@ -164,6 +220,8 @@ def command_from_json(body: dict[str, Any]) -> Command:
             data["amount"] = Money.for_posting(data.pop("amount"), data.pop("currency"))
         if "overdraft_limit" in data:
             data["overdraft"] = OverdraftPolicy(data.pop("overdraft_limit"))
+        if "legs" in data:
+            data["legs"] = tuple(Leg(UUID(leg["account_id"]), leg["amount"], leg["currency"]) for leg in data["legs"])
         for name in ("account_id", "source_id", "destination_id"):
             if data.get(name) is not None:
                 data[name] = UUID(data[name])

@@ -13,11 +13,14 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.application.commands import (
+    MAX_LEGS,
     ChangeAccountStatus,
     Command,
     CreateAccount,
     Credit,
     Debit,
+    Leg,
+    PostTransaction,
     Transfer,
     UpdateAccountMetadata,
 )
@@ -70,6 +73,23 @@ class TransferBody(Body):
         return Transfer(tenant_id, self.source_id, self.destination_id, money, self.metadata)
 
 
+class LegBody(Body):
+    account_id: UUID
+    amount: int  # signed minor units: > 0 credits the account, < 0 debits it
+    currency: str
+
+
+class TransactionBody(Body):
+    """`POST /v1/transactions`: up to MAX_LEGS legs, summing to zero per currency, posted all or none."""
+
+    legs: list[LegBody] = Field(max_length=MAX_LEGS)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def to_command(self, tenant_id: str) -> Command:
+        legs = tuple(Leg(leg.account_id, leg.amount, leg.currency) for leg in self.legs)
+        return PostTransaction(tenant_id, legs, self.metadata)
+
+
 class AccountStatusBody(Body):
     """Freeze (no posting either way), unfreeze (`open`) or close (for good; only at a zero balance)."""
 
@@ -108,6 +128,7 @@ BODIES: dict[str, type[Body]] = {
     Transfer.type: TransferBody,
     ChangeAccountStatus.type: AccountStatusBody,
     UpdateAccountMetadata.type: AccountMetadataBody,
+    PostTransaction.type: TransactionBody,
 }
 
 

@@ -24,7 +24,7 @@ from core.application.commands import (
     Credit,
     Debit,
     PostingCommand,
-    Transfer,
+    PostTransaction,
     UpdateAccountMetadata,
 )
 from core.application.ports import Claim, Completion, Event, Posting, Submission, UnitOfWork
@@ -108,23 +108,28 @@ def written_accounts(commands: Iterable[Command]) -> set[UUID]:
     """The accounts commands may lock and write (a client-chosen new id included), known before they run."""
     ids: set[UUID] = set()
     for command in commands:
-        if isinstance(command, Credit | Debit | Transfer):
-            ids.update(account_id for account_id, _ in legs_of(command)[1])
+        if isinstance(command, PostingCommand):
+            ids.update(account_id for account_id, _, _ in legs_of(command)[1])
         elif isinstance(command, ChangeAccountStatus | UpdateAccountMetadata | CreateAccount) and command.account_id:
             ids.add(command.account_id)
     return ids
 
 
-def legs_of(command: PostingCommand) -> tuple[TransactionKind, list[tuple[UUID, int]]]:
-    """Signed legs (credit > 0, debit < 0) of a command; they always sum to zero."""
-    amount = command.amount.amount
+def legs_of(command: PostingCommand) -> tuple[TransactionKind, list[tuple[UUID, int, str]]]:
+    """Signed legs (account, credit > 0 or debit < 0, currency) of a command; they sum to zero per currency."""
+    if isinstance(command, PostTransaction):
+        return TransactionKind.MULTI_LEG, [(leg.account_id, leg.amount, leg.currency) for leg in command.legs]
+    amount, currency = command.amount.amount, command.amount.currency
     if isinstance(command, Credit):
-        external = external_account_id(command.tenant_id, command.amount.currency)
-        return TransactionKind.CREDIT, [(external, -amount), (command.account_id, amount)]
+        external = external_account_id(command.tenant_id, currency)
+        return TransactionKind.CREDIT, [(external, -amount, currency), (command.account_id, amount, currency)]
     if isinstance(command, Debit):
-        external = external_account_id(command.tenant_id, command.amount.currency)
-        return TransactionKind.DEBIT, [(command.account_id, -amount), (external, amount)]
-    return TransactionKind.TRANSFER, [(command.source_id, -amount), (command.destination_id, amount)]
+        external = external_account_id(command.tenant_id, currency)
+        return TransactionKind.DEBIT, [(command.account_id, -amount, currency), (external, amount, currency)]
+    return TransactionKind.TRANSFER, [
+        (command.source_id, -amount, currency),
+        (command.destination_id, amount, currency),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +146,7 @@ class Operation:
 
 
 def rejected_event(command: Command, operation: Operation, error: LedgerError, now: datetime) -> Event:
-    kind = "transaction.rejected" if isinstance(command, Credit | Debit | Transfer) else "command.rejected"
+    kind = "transaction.rejected" if isinstance(command, PostingCommand) else "command.rejected"
     return operation.event(kind, command.tenant_id, {"problem": error.to_problem()}, now)
 
 
@@ -162,7 +167,7 @@ class _Books:
         try:
             if isinstance(command, CreateAccount):
                 result = self._create_account(command, operation)
-            elif isinstance(command, Credit | Debit | Transfer):
+            elif isinstance(command, PostingCommand):
                 result = self._post(command, operation)
             elif isinstance(command, ChangeAccountStatus):
                 result = self._change_status(command, operation)
@@ -200,6 +205,22 @@ class _Books:
     def _touch(self, account: Account) -> None:
         if account.id not in self.created:
             self.changed[account.id] = account
+
+    def _leg_account(self, tenant: str, account_id: UUID, currency: str, external: UUID | None) -> Account:
+        account = self._account(tenant, account_id)
+        if account is None and account_id == external and account_id not in self.accounts:
+            # The tenant's first posting in this currency: its id was locked with the others.
+            unrestricted = OverdraftPolicy(None)
+            account = self._open(
+                Account(account_id, tenant, currency, AccountKind.SYSTEM, unrestricted, created_at=self.now)
+            )
+        if account is None or (account.kind is AccountKind.SYSTEM and account_id != external):
+            raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+        if account.currency != currency:
+            raise CurrencyMismatch(
+                f"account {account_id} holds {account.currency}, not {currency}", account_id=str(account_id)
+            )
+        return account
 
     def _create_account(self, command: CreateAccount, operation: Operation) -> dict[str, object]:
         if command.account_id is not None and command.account_id in self.accounts:
@@ -242,34 +263,32 @@ class _Books:
         return {"account": body}
 
     def _post(self, command: PostingCommand, operation: Operation) -> dict[str, object]:
-        tenant, currency = command.tenant_id, command.amount.currency
+        tenant = command.tenant_id
         kind, legs = legs_of(command)
         # Only credits and debits may touch a system account, and only the external one they name.
-        external = None if isinstance(command, Transfer) else external_account_id(tenant, currency)
+        external = external_account_id(tenant, command.amount.currency) if isinstance(command, Credit | Debit) else None
         touched: list[Account] = []
-        for account_id, _ in legs:
-            account = self._account(tenant, account_id)
-            if account is None and account_id == external and account_id not in self.accounts:
-                # The tenant's first posting in this currency: its id was locked with the others.
-                unrestricted = OverdraftPolicy(None)
-                account = self._open(
-                    Account(account_id, tenant, currency, AccountKind.SYSTEM, unrestricted, created_at=self.now)
-                )
-            if account is None or (account.kind is AccountKind.SYSTEM and account_id != external):
-                raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
-            if account.currency != currency:
-                raise CurrencyMismatch(
-                    f"account {account_id} holds {account.currency}, not {currency}", account_id=str(account_id)
-                )
-            touched.append(account)
-        transaction = post_legs(
-            transaction_id=new_id(),
-            tenant_id=tenant,
-            kind=kind,
-            legs=[(account, amount) for account, (_, amount) in zip(touched, legs, strict=True)],
-            metadata=command.metadata,
-            created_at=self.now,
-        )
+        for index, (account_id, _, currency) in enumerate(legs):
+            try:
+                touched.append(self._leg_account(tenant, account_id, currency, external))
+            except LedgerError as error:
+                if kind is TransactionKind.MULTI_LEG:
+                    error.extensions.setdefault("leg", index)  # which leg, when there are many
+                raise
+        try:
+            transaction = post_legs(
+                transaction_id=new_id(),
+                tenant_id=tenant,
+                kind=kind,
+                legs=[(account, amount) for account, (_, amount, _) in zip(touched, legs, strict=True)],
+                metadata=command.metadata,
+                created_at=self.now,
+            )
+        except LedgerError as error:
+            failed = error.extensions.get("account_id")
+            if kind is TransactionKind.MULTI_LEG and failed is not None:
+                error.extensions.setdefault("leg", [str(leg[0]) for leg in legs].index(failed))
+            raise
         for account in touched:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id))

@@ -49,6 +49,7 @@ class TransactionKind(enum.StrEnum):
     CREDIT = "credit"
     DEBIT = "debit"
     TRANSFER = "transfer"
+    MULTI_LEG = "multi_leg"
 
 
 def validate_tenant_id(tenant_id: object) -> str:

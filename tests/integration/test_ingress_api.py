@@ -769,3 +769,75 @@ async def test_transactions_are_listed_by_account_kind_time_and_metadata(
     assert (wrong.status, (await wrong.json())["code"]) == (400, "request-invalid")
     other_key = create_api_key(ledger.pool, f"t-{uuid.uuid4().hex[:12]}")[1]
     assert await ids(key=other_key) == [] and await ids(f"?account_id={a}", key=other_key) == []
+
+
+# --- multi-leg transactions --------------------------------------------------------------------------------------
+async def test_a_payment_with_a_fee_split_posts_all_its_legs_at_once(api: TestClient[Any, Any], api_key: str) -> None:
+    payer, merchant, fees = [await new_account(api, api_key) for _ in range(3)]
+    await post(api, "/v1/credits", api_key, {"account_id": payer, "amount": 10_000, "currency": "USD"})
+    legs = [
+        {"account_id": payer, "amount": -10_000, "currency": "USD"},
+        {"account_id": merchant, "amount": 9_700, "currency": "USD"},
+        {"account_id": fees, "amount": 300, "currency": "USD"},
+    ]
+    status, doc = await post(api, "/v1/transactions", api_key, {"legs": legs, "metadata": {"order": "o-1"}})
+    assert status == 201, doc
+    transaction = doc["result"]["transaction"]
+    assert transaction["kind"] == "multi_leg" and len(transaction["entries"]) == 3
+    balances = {a["id"]: a["balance"]["posted"] for a in doc["result"]["accounts"]}
+    assert balances == {payer: 0, merchant: 9_700, fees: 300}
+    listed = await (await api.get("/v1/transactions?kind=multi_leg", headers=headers(api_key))).json()
+    assert [t["id"] for t in listed["data"]] == [transaction["id"]]
+
+
+async def test_an_exchange_through_liquidity_accounts_balances_per_currency(
+    api: TestClient[Any, Any], api_key: str
+) -> None:
+    alice_usd, alice_eur = await new_account(api, api_key), await new_account(api, api_key, currency="EUR")
+    pool_usd, pool_eur = await new_account(api, api_key), await new_account(api, api_key, currency="EUR")
+    await post(api, "/v1/credits", api_key, {"account_id": alice_usd, "amount": 1_100, "currency": "USD"})
+    await post(api, "/v1/credits", api_key, {"account_id": pool_eur, "amount": 5_000, "currency": "EUR"})
+    legs = [
+        {"account_id": alice_usd, "amount": -1_100, "currency": "USD"},
+        {"account_id": pool_usd, "amount": 1_100, "currency": "USD"},
+        {"account_id": pool_eur, "amount": -1_000, "currency": "EUR"},
+        {"account_id": alice_eur, "amount": 1_000, "currency": "EUR"},
+    ]
+    status, doc = await post(api, "/v1/transactions", api_key, {"legs": legs})
+    assert (status, doc["status"]) == (201, "succeeded"), doc
+    balances = {a["id"]: a["balance"]["posted"] for a in doc["result"]["accounts"]}
+    assert balances == {alice_usd: 0, pool_usd: 1_100, pool_eur: 4_000, alice_eur: 1_000}
+
+
+async def test_a_refused_leg_is_named_and_nothing_posts(api: TestClient[Any, Any], api_key: str) -> None:
+    a, b, c = await new_account(api, api_key), await new_account(api, api_key), await new_account(api, api_key)
+    await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 100, "currency": "USD"})
+    short = [
+        {"account_id": a, "amount": -60, "currency": "USD"},
+        {"account_id": b, "amount": -60, "currency": "USD"},  # b holds nothing
+        {"account_id": c, "amount": 120, "currency": "USD"},
+    ]
+    _, refused = await post(api, "/v1/transactions", api_key, {"legs": short})
+    assert (refused["status"], refused["problem"]["code"], refused["problem"]["leg"]) == (
+        "failed",
+        "insufficient-funds",
+        1,
+    )
+
+    def leg(account: str, amount: int) -> dict[str, Any]:
+        return {"account_id": account, "amount": amount, "currency": "USD"}
+
+    _, refused = await post(api, "/v1/transactions", api_key, {"legs": [leg(a, -5), leg(str(uuid.uuid4()), 5)]})
+    assert (refused["problem"]["code"], refused["problem"]["leg"]) == ("account-not-found", 1)
+    account = await (await api.get(f"/v1/accounts/{a}", headers=headers(api_key))).json()
+    assert account["balance"]["posted"] == 100  # all or none
+    strangers = [leg(str(uuid.uuid4()), 1) for _ in range(101)]
+    for legs, code in [
+        ([leg(a, -5), leg(b, 4)], "validation-failed"),  # does not sum to zero
+        ([leg(a, 5)], "validation-failed"),  # one leg
+        ([leg(a, 0), leg(b, 0)], "amount-invalid"),
+        ([leg(a, -5), leg(a, 5)], "validation-failed"),  # one account twice
+        ([leg(a, -101), *strangers], "validation-failed"),  # 102 legs
+    ]:
+        response = await api.post("/v1/transactions", json={"legs": legs}, headers=headers(api_key, uuid.uuid4().hex))
+        assert (response.status, (await response.json())["code"]) == (422, code), legs[:2]
