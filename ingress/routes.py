@@ -217,6 +217,13 @@ async def accept(request: web.Request, command: Command, key: str) -> web.Respon
     return operation_response(document, waited=wait_s, replayed=outcome.replayed, created=not outcome.replayed)
 
 
+def page_response(data: list[dict[str, Any]], next_cursor: str | None) -> web.Response:
+    """A page of a keyset-paginated listing: its items, and the cursor of the next page (None on the last)."""
+    return web.json_response(
+        {"object": "list", "data": data, "has_more": next_cursor is not None, "next_cursor": next_cursor}
+    )
+
+
 def entry_json(entry: EntryView) -> dict[str, Any]:
     return {
         "transaction_id": str(entry.transaction_id),
@@ -282,14 +289,7 @@ async def list_accounts(request: web.Request) -> web.Response:
     query, metadata = query_with_metadata(AccountsQuery, request.query)
     filters = AccountFilters(query.currency, query.status, metadata, newest_first=query.order == "desc")
     page = await ingress.queries.accounts(request[TENANT], filters, limit=query.limit, cursor=query.cursor)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [account_json(a) for a in page.accounts],
-            "has_more": page.next_cursor is not None,
-            "next_cursor": page.next_cursor,
-        }
-    )
+    return page_response([account_json(a) for a in page.accounts], page.next_cursor)
 
 
 @routes.get("/v1/accounts/{account_id}")
@@ -316,14 +316,7 @@ async def list_entries(request: web.Request) -> web.Response:
         since=query.since,
         until=query.until,
     )
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [entry_json(e) for e in page.entries],
-            "has_more": page.next_cursor is not None,
-            "next_cursor": page.next_cursor,
-        }
-    )
+    return page_response([entry_json(e) for e in page.entries], page.next_cursor)
 
 
 @routes.get("/v1/operations")
@@ -338,13 +331,9 @@ async def list_operations(request: web.Request) -> web.Response:
         limit=query.limit,
         cursor=query.cursor,
     )
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{**operation_json(op), "created_at": accepted.isoformat()} for op, accepted in page.operations],
-            "has_more": page.next_cursor is not None,
-            "next_cursor": page.next_cursor,
-        }
+    return page_response(
+        [{**operation_json(op), "created_at": accepted.isoformat()} for op, accepted in page.operations],
+        page.next_cursor,
     )
 
 
@@ -356,13 +345,8 @@ async def list_transactions(request: web.Request) -> web.Response:
         query.account_id, query.kind, query.since, query.until, metadata, newest_first=query.order == "desc"
     )
     page = await ingress.queries.transactions(request[TENANT], filters, limit=query.limit, cursor=query.cursor)
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [{**transaction_json(t), "operation_id": str(op)} for t, op in page.transactions],
-            "has_more": page.next_cursor is not None,
-            "next_cursor": page.next_cursor,
-        }
+    return page_response(
+        [{**transaction_json(t), "operation_id": str(op)} for t, op in page.transactions], page.next_cursor
     )
 
 
@@ -489,14 +473,7 @@ async def list_webhook_deliveries(request: web.Request) -> web.Response:
         cursor=query.cursor,
         status=query.status,
     )
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [delivery_json(d) for d in page.deliveries],
-            "has_more": page.next_cursor is not None,
-            "next_cursor": page.next_cursor,
-        }
-    )
+    return page_response([delivery_json(d) for d in page.deliveries], page.next_cursor)
 
 
 @routes.get("/v1/webhook-endpoints/{endpoint_id}/deliveries/{delivery_id}")

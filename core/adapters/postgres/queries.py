@@ -64,75 +64,94 @@ def ledger_id(pool: ConnectionPool) -> str:
 ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s"
 
 
+def keyset_page(
+    select: str,
+    *,
+    alias: str,
+    tenant_id: str,
+    filters: Sequence[tuple[str, str, object | None]],
+    order: tuple[str, str],
+    newest_first: bool,
+    digest: str,
+    limit: int,
+    cursor: str | None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[sql.Composed, dict[str, object]]:
+    """One page of a tenant's listing, keyset-paginated on `order` (a time column and an id column): `select`
+    ends with `WHERE` on the table `alias`; each filter is (parameter name, condition on it, value), left out
+    when its value is None. One row more than `limit`, to tell whether another page follows."""
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    if since and until and since >= until:
+        raise RequestInvalid("'since' must be before 'until'")
+    time_column, id_column = order
+    conditions = [sql.SQL(f"{alias}.tenant_id = %(tenant)s")]
+    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
+    windows = [("since", f"{time_column} >= %(since)s", since), ("until", f"{time_column} < %(until)s", until)]
+    for name, condition, value in [*filters, *windows]:
+        if value is not None:
+            conditions.append(sql.SQL(condition))  # constant SQL of this module, values as parameters
+            params[name] = value
+    if cursor is not None:
+        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, digest)
+        comparison = "<" if newest_first else ">"
+        conditions.append(sql.SQL(f"({time_column}, {id_column}) {comparison} (%(c_time)s, %(c_id)s)"))
+    direction = "DESC" if newest_first else "ASC"
+    ordering = f" ORDER BY {time_column} {direction}, {id_column} {direction} LIMIT %(limit)s"
+    query = sql.SQL(select + " {where}" + ordering).format(where=sql.SQL(" AND ").join(conditions))
+    return query, params
+
+
+def metadata_json(pairs: Sequence[tuple[str, str]]) -> str | None:
+    """`metadata[key]=value` filters as the jsonb a containment (`@>`) test takes; None without any."""
+    return json.dumps(dict(pairs)) if pairs else None
+
+
 def accounts_query(
     tenant_id: str, filters: AccountFilters, *, limit: int, cursor: str | None
 ) -> tuple[sql.Composed, dict[str, object]]:
-    """A page of the tenant's accounts on `accounts_tenant_created_idx` (metadata on `accounts_metadata_idx`);
-    one row more than `limit`, to tell whether another page follows."""
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-    conditions: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s")]
-    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
-    if filters.currency is not None:
-        conditions.append(sql.SQL("currency = %(currency)s"))
-        params["currency"] = filters.currency
-    if filters.status is not None:
-        conditions.append(sql.SQL("status = %(status)s"))
-        params["status"] = filters.status
-    if filters.metadata:
-        conditions.append(sql.SQL("metadata @> %(metadata)s::jsonb"))
-        params["metadata"] = json.dumps(dict(filters.metadata))
-    if cursor is not None:
-        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, filters.digest(tenant_id))
-        conditions.append(
-            sql.SQL("(created_at, id) {} (%(c_time)s, %(c_id)s)").format(sql.SQL("<" if filters.newest_first else ">"))
-        )
-    direction = sql.SQL("DESC" if filters.newest_first else "ASC")
-    query = sql.SQL(
-        "SELECT {columns} FROM accounts WHERE {where} ORDER BY created_at {dir}, id {dir} LIMIT %(limit)s"
-    ).format(columns=sql.SQL(ACCOUNT_COLUMNS), where=sql.SQL(" AND ").join(conditions), dir=direction)
-    return query, params
+    """A page of the tenant's accounts on `accounts_tenant_created_idx` (metadata on `accounts_metadata_idx`)."""
+    return keyset_page(
+        f"SELECT {ACCOUNT_COLUMNS} FROM accounts a WHERE",
+        alias="a",
+        tenant_id=tenant_id,
+        filters=[
+            ("currency", "a.currency = %(currency)s", filters.currency),
+            ("status", "a.status = %(status)s", filters.status),
+            ("metadata", "a.metadata @> %(metadata)s::jsonb", metadata_json(filters.metadata)),
+        ],
+        order=("a.created_at", "a.id"),
+        newest_first=filters.newest_first,
+        digest=filters.digest(tenant_id),
+        limit=limit,
+        cursor=cursor,
+    )
 
 
 def transactions_query(
     tenant_id: str, filters: TransactionFilters, *, limit: int, cursor: str | None
 ) -> tuple[sql.Composed, dict[str, object]]:
     """A page of the tenant's transactions (ids and times), on `transactions_tenant_created_idx`, metadata on
-    `transactions_metadata_idx`, an account's through `entries_account_time_idx`; one row more than `limit`."""
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-    if filters.since and filters.until and filters.since >= filters.until:
-        raise RequestInvalid("'since' must be before 'until'")
-    conditions: list[sql.Composable] = [sql.SQL("t.tenant_id = %(tenant)s")]
-    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
-    if filters.account_id is not None:
-        conditions.append(sql.SQL("t.id IN (SELECT e.transaction_id FROM entries e WHERE e.account_id = %(account)s)"))
-        params["account"] = filters.account_id
-    if filters.kind is not None:
-        conditions.append(sql.SQL("t.kind = %(kind)s"))
-        params["kind"] = filters.kind
-    if filters.since is not None:
-        conditions.append(sql.SQL("t.created_at >= %(since)s"))
-        params["since"] = filters.since
-    if filters.until is not None:
-        conditions.append(sql.SQL("t.created_at < %(until)s"))
-        params["until"] = filters.until
-    if filters.metadata:
-        conditions.append(sql.SQL("t.metadata @> %(metadata)s::jsonb"))
-        params["metadata"] = json.dumps(dict(filters.metadata))
-    if cursor is not None:
-        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, filters.digest(tenant_id))
-        conditions.append(
-            sql.SQL("(t.created_at, t.id) {} (%(c_time)s, %(c_id)s)").format(
-                sql.SQL("<" if filters.newest_first else ">")
-            )
-        )
-    direction = sql.SQL("DESC" if filters.newest_first else "ASC")
-    query = sql.SQL(
-        "SELECT t.id, t.created_at FROM transactions t WHERE {where}"
-        " ORDER BY t.created_at {dir}, t.id {dir} LIMIT %(limit)s"
-    ).format(where=sql.SQL(" AND ").join(conditions), dir=direction)
-    return query, params
+    `transactions_metadata_idx`, an account's through `entries_account_time_idx`."""
+    by_account = "t.id IN (SELECT e.transaction_id FROM entries e WHERE e.account_id = %(account)s)"
+    return keyset_page(
+        "SELECT t.id, t.created_at FROM transactions t WHERE",
+        alias="t",
+        tenant_id=tenant_id,
+        filters=[
+            ("account", by_account, filters.account_id),
+            ("kind", "t.kind = %(kind)s", filters.kind),
+            ("metadata", "t.metadata @> %(metadata)s::jsonb", metadata_json(filters.metadata)),
+        ],
+        order=("t.created_at", "t.id"),
+        newest_first=filters.newest_first,
+        digest=filters.digest(tenant_id),
+        limit=limit,
+        cursor=cursor,
+        since=filters.since,
+        until=filters.until,
+    )
 
 
 # The transactions of a page with their entries and operations, in the page's order.
@@ -166,30 +185,22 @@ def operations_query(
     limit: int,
     cursor: str | None,
 ) -> tuple[sql.Composed, dict[str, object], str]:
-    """A page of the tenant's operations, oldest first, on `idempotency_keys_tenant_created_idx`; one row more
-    than `limit`. The cursor carries the filters' digest: another listing refuses it."""
-    if not 1 <= limit <= MAX_PAGE_SIZE:
-        raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
-    if since and until and since >= until:
-        raise RequestInvalid("'since' must be before 'until'")
-    conditions: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s")]
-    params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
-    for name, value, condition in (
-        ("status", status, "status = %(status)s"),
-        ("since", since, "created_at >= %(since)s"),
-        ("until", until, "created_at < %(until)s"),
-    ):
-        if value is not None:
-            conditions.append(sql.SQL(condition))  # constant SQL written above
-            params[name] = value
+    """A page of the tenant's operations, oldest first, on `idempotency_keys_tenant_created_idx`; and the
+    listing's digest, which its cursors carry."""
     digest = listing_digest(tenant_id, "operations", status, since, until)
-    if cursor is not None:
-        params["c_time"], params["c_id"] = decode_keyset_cursor(cursor, digest)
-        conditions.append(sql.SQL("(created_at, operation_id) > (%(c_time)s, %(c_id)s)"))
-    query = sql.SQL(
-        "SELECT operation_id, status, response, created_at FROM idempotency_keys WHERE {where}"
-        " ORDER BY created_at, operation_id LIMIT %(limit)s"
-    ).format(where=sql.SQL(" AND ").join(conditions))
+    query, params = keyset_page(
+        "SELECT k.operation_id, k.status, k.response, k.created_at FROM idempotency_keys k WHERE",
+        alias="k",
+        tenant_id=tenant_id,
+        filters=[("status", "k.status = %(status)s", status)],
+        order=("k.created_at", "k.operation_id"),
+        newest_first=False,
+        digest=digest,
+        limit=limit,
+        cursor=cursor,
+        since=since,
+        until=until,
+    )
     return query, params, digest
 
 
