@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -51,6 +52,8 @@ from ingress.context import INGRESS, Ingress
 from ingress.middleware import TENANT
 from ingress.schemas import (
     AccountsQuery,
+    BalanceHistoryQuery,
+    BalanceQuery,
     DeliveriesQuery,
     EventsQuery,
     OperationsQuery,
@@ -300,6 +303,40 @@ async def get_account(request: web.Request) -> web.Response:
     if account is None:
         raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
     return web.json_response(account_json(account))
+
+
+@routes.get("/v1/accounts/{account_id}/balance")
+async def get_balance(request: web.Request) -> web.Response:
+    """The posted balance at `as_of` (default now), from the last entry by then."""
+    ingress = request.app[INGRESS]
+    account_id = path_uuid(request, "account_id")
+    query = parse_model(BalanceQuery, dict(request.query))
+    at = query.as_of or datetime.now(UTC)
+    balance = await ingress.queries.balance_as_of(request[TENANT], account_id, at)
+    if balance is None:
+        raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+    return web.json_response({"account_id": str(account_id), "as_of": at.isoformat(), "posted": balance})
+
+
+@routes.get("/v1/accounts/{account_id}/balance-history")
+async def get_balance_history(request: web.Request) -> web.Response:
+    """The closing posted balance of each hour or day (UTC) from `since` to `until` (default now)."""
+    ingress = request.app[INGRESS]
+    account_id = path_uuid(request, "account_id")
+    query = parse_model(BalanceHistoryQuery, dict(request.query))
+    until = query.until or datetime.now(UTC)
+    buckets = await ingress.queries.balance_history(
+        request[TENANT], account_id, unit=query.interval, since=query.since, until=until
+    )
+    if buckets is None:
+        raise AccountNotFound(f"account {account_id} does not exist", account_id=str(account_id))
+    return web.json_response(
+        {
+            "account_id": str(account_id),
+            "interval": query.interval,
+            "data": [{"start": start.isoformat(), "closing": closing} for start, closing in buckets],
+        }
+    )
 
 
 @routes.get("/v1/accounts/{account_id}/entries")

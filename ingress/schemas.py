@@ -87,6 +87,20 @@ class OperationsQuery(BaseModel):
     until: AwareDatetime | None = None  # exclusive
 
 
+class BalanceQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    as_of: AwareDatetime | None = None  # default: now
+
+
+class BalanceHistoryQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval: Literal["hour", "day"]
+    since: AwareDatetime
+    until: AwareDatetime | None = None  # default: now
+
+
 class DeliveriesQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -6,7 +6,9 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg
 import pytest
@@ -841,3 +843,34 @@ async def test_a_refused_leg_is_named_and_nothing_posts(api: TestClient[Any, Any
     ]:
         response = await api.post("/v1/transactions", json={"legs": legs}, headers=headers(api_key, uuid.uuid4().hex))
         assert (response.status, (await response.json())["code"]) == (422, code), legs[:2]
+
+
+# --- balances in time --------------------------------------------------------------------------------------------
+async def test_a_balance_as_of_any_moment_and_per_bucket(api: TestClient[Any, Any], api_key: str) -> None:
+    a = await new_account(api, api_key)
+    await post(api, "/v1/credits", api_key, {"account_id": a, "amount": 100, "currency": "USD"})
+    await post(api, "/v1/debits", api_key, {"account_id": a, "amount": 30, "currency": "USD"})
+    entries = (await (await api.get(f"/v1/accounts/{a}/entries?order=asc", headers=headers(api_key))).json())["data"]
+    credited, debited = entries[0]["created_at"], entries[1]["created_at"]
+
+    async def balance(query: str) -> int:
+        response = await api.get(f"/v1/accounts/{a}/balance{query}", headers=headers(api_key))
+        assert response.status == 200, await response.text()
+        posted: int = (await response.json())["posted"]
+        return posted
+
+    assert await balance("") == 70  # now
+    assert await balance("?" + urlencode({"as_of": credited})) == 100
+    assert await balance("?" + urlencode({"as_of": debited})) == 70
+    assert await balance("?as_of=2020-01-01T00:00:00Z") == 0  # before the account had any entry
+
+    since = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    response = await api.get(
+        f"/v1/accounts/{a}/balance-history?" + urlencode({"interval": "hour", "since": since}), headers=headers(api_key)
+    )
+    buckets = (await response.json())["data"]
+    assert len(buckets) == 3 and [b["closing"] for b in buckets] == [0, 0, 70]
+    for query in ["?interval=minute&since=2026-01-01T00:00:00Z", "?interval=hour&since=2020-01-01T00:00:00Z"]:
+        assert (await api.get(f"/v1/accounts/{a}/balance-history{query}", headers=headers(api_key))).status == 400
+    missing = await api.get(f"/v1/accounts/{uuid.uuid4()}/balance", headers=headers(api_key))
+    assert (missing.status, (await missing.json())["code"]) == (404, "account-not-found")

@@ -103,6 +103,27 @@ def keyset_page(
     return query, params
 
 
+# An account's posted balance at a moment: the `balance_after` of its last entry by then, one descent of
+# entries_account_time_idx (O(log n) however long the history). No entry by then: 0.
+BALANCE_AS_OF = (
+    "SELECT coalesce((SELECT e.balance_after FROM entries e WHERE e.account_id = a.id AND e.created_at <= %(at)s"
+    " ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1), 0)"
+    " FROM accounts a WHERE a.id = %(account)s AND a.tenant_id = %(tenant)s"
+)
+# The closing balance of each bucket (hour or day, in UTC) from `since` to `until`: one descent per bucket.
+BALANCE_HISTORY = (
+    "SELECT b.start, coalesce(last.balance_after, 0) FROM accounts a"
+    " CROSS JOIN generate_series(date_trunc(%(unit)s, %(since)s::timestamptz, 'UTC'), %(until)s::timestamptz - interval"
+    " '1 microsecond', ('1 ' || %(unit)s)::interval) AS b(start)"
+    " LEFT JOIN LATERAL (SELECT e.balance_after FROM entries e WHERE e.account_id = a.id"
+    "   AND e.created_at < b.start + ('1 ' || %(unit)s)::interval"
+    "   ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1) last ON true"
+    " WHERE a.id = %(account)s AND a.tenant_id = %(tenant)s ORDER BY b.start"
+)
+# Buckets one balance-history answer may hold at most.
+MAX_BUCKETS = 1000
+
+
 def metadata_json(pairs: Sequence[tuple[str, str]]) -> str | None:
     """`metadata[key]=value` filters as the jsonb a containment (`@>`) test takes; None without any."""
     return json.dumps(dict(pairs)) if pairs else None
@@ -393,6 +414,32 @@ class AsyncPostgresQueries:
             last, created_at = shown[-1]
             next_cursor = encode_keyset_cursor(digest, created_at, last.operation_id)
         return OperationPage([(operation, created_at) for operation, created_at in shown], next_cursor)
+
+    async def balance_as_of(self, tenant_id: str, account_id: UUID, at: datetime) -> int | None:
+        """The account's posted balance at `at` (None: no such account of the tenant)."""
+        params = {"account": account_id, "tenant": tenant_id, "at": at}
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(BALANCE_AS_OF, params)).fetchone()
+        return int(row[0]) if row else None
+
+    async def balance_history(
+        self, tenant_id: str, account_id: UUID, *, unit: str, since: datetime, until: datetime
+    ) -> list[tuple[datetime, int]] | None:
+        """(bucket start, closing balance) per `unit` ("hour" or "day") from `since` to `until`; None: no such
+        account of the tenant."""
+        if unit not in ("hour", "day"):
+            raise RequestInvalid("interval is hour or day")
+        if since >= until:
+            raise RequestInvalid("'since' must be before 'until'")
+        if (until - since).total_seconds() / (3600 if unit == "hour" else 86400) > MAX_BUCKETS:
+            raise RequestInvalid(f"at most {MAX_BUCKETS} {unit}s at once")
+        params = {"account": account_id, "tenant": tenant_id, "unit": unit, "since": since, "until": until}
+        async with self.pool.connection() as conn:
+            owner = await (await conn.execute(ACCOUNT_OWNER, params)).fetchone()
+            if owner is None:
+                return None
+            rows = await (await conn.execute(BALANCE_HISTORY, params)).fetchall()
+        return [(start, int(balance)) for start, balance in rows]
 
     async def entries(
         self,
