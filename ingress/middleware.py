@@ -18,6 +18,7 @@ from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.typedefs import Handler
 
+from core.adapters.metrics import HTTP_REQUEST_SECONDS
 from core.adapters.postgres.api_keys import ApiKey, find_api_key, hash_secret
 from core.domain.errors import (
     LedgerError,
@@ -79,12 +80,15 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     started = time.perf_counter()
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id
+    elapsed_s = time.perf_counter() - started
+    route = route_of(request)
+    HTTP_REQUEST_SECONDS.labels(route, request.method, str(response.status)).observe(elapsed_s)
     log.info(
         "http.request",
         method=request.method,
-        route=route_of(request),
+        route=route,
         status=response.status,
-        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+        duration_ms=round(elapsed_s * 1000, 2),
     )
     return response
 

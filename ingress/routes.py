@@ -11,6 +11,7 @@ from uuid import UUID
 import structlog
 from aiohttp import web
 
+from core.adapters.metrics import OPERATIONS_ACCEPTED, exposition
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import AccountFilters, AuditUnavailable, EntryView, TransactionFilters
 from core.application.requests import (
@@ -213,6 +214,7 @@ async def accept(request: web.Request, command: Command, key: str) -> web.Respon
     ingress = request.app[INGRESS]
     wait_s = prefer_wait(request, ingress.settings.prefer_wait_max_s)
     outcome = await ingress.acceptance.accept(command, idempotency_key=key)
+    OPERATIONS_ACCEPTED.labels("replayed" if outcome.replayed else "new").inc()
     structlog.contextvars.bind_contextvars(operation_id=str(outcome.operation_id))
     document = operation_json(outcome)
     if wait_s is not None:
@@ -549,6 +551,15 @@ async def list_events(request: web.Request) -> web.Response:
             "next_cursor": page.next_cursor,
         }
     )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, without an API key (like /healthz: bind the node where only the scraper reaches it)."""
+    body, content_type = exposition()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 @routes.get("/healthz")

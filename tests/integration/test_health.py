@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from core.bootstrap import LedgerService
 from core.settings import Settings
 from ingress import health
 from ingress.app import init_app
@@ -83,3 +85,35 @@ async def test_concurrent_probes_share_one_round_of_checks(aiohttp_client: Clien
     answers = await asyncio.gather(*(node.get("/readyz") for _ in range(20)))
     assert [a.status for a in answers] == [200] * 20
     assert rounds == 1
+
+
+async def test_metrics_count_requests_accepts_and_confirms(
+    aiohttp_client: ClientFactory, settings: Settings, ledger: LedgerService, tenant: str
+) -> None:
+    from core.adapters.postgres.api_keys import create_api_key
+
+    node = await aiohttp_client(init_app(settings))
+
+    async def sample(name: str, **labels: str) -> float:
+        """The value of the sample `name` with exactly these labels (0 when it is not there yet)."""
+        text = await (await node.get("/metrics")).text()
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            metric, _, label_text = series.partition("{")
+            found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+            if metric == name and found == labels:
+                return float(value)
+        return 0.0
+
+    response = await node.get("/metrics")
+    assert response.status == 200 and response.content_type == "text/plain"
+    key = create_api_key(ledger.pool, tenant)[1]
+    before = await sample("cleanledger_operations_accepted_total", outcome="new")
+    confirms = await sample("cleanledger_publish_confirm_seconds_count", result="confirmed")
+    requests = await sample("cleanledger_http_request_seconds_count", route="/v1/accounts", method="POST", status="202")
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "metrics-1"}
+    assert (await node.post("/v1/accounts", json={"currency": "USD"}, headers=headers)).status == 202
+    assert await sample("cleanledger_operations_accepted_total", outcome="new") == before + 1
+    assert await sample("cleanledger_publish_confirm_seconds_count", result="confirmed") == confirms + 1
+    after = await sample("cleanledger_http_request_seconds_count", route="/v1/accounts", method="POST", status="202")
+    assert after == requests + 1

@@ -123,6 +123,12 @@ def test_nginx_names_no_version(front: Front) -> None:
     assert answer.headers["server"] == "nginx"
 
 
+def test_metrics_are_not_served_to_clients(front: Front) -> None:
+    answer = exchange(front.port, get("/metrics"))
+    assert (answer.status, answer.headers["content-type"]) == (404, "application/problem+json")
+    assert b"cleanledger_" not in answer.raw  # the node's own port serves them to the scraper
+
+
 def test_nginx_own_errors_are_problem_documents(front: Front, secret: str) -> None:
     auth = b"Authorization: Bearer " + secret.encode() + b"\r\n"
     big_body = b'{"currency": "USD", "metadata": {"k": "' + b"x" * 70_000 + b'"}}'

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ import dramatiq
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from core.adapters.metrics import ACCEPT_GROUP_SIZE, PUBLISH_CONFIRM_SECONDS
 from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, durable_queue
 from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command, command_from_json, validate_idempotency_key
@@ -197,12 +199,16 @@ class AmqpCommandQueue(CommandQueue):
         properties = pika.BasicProperties(
             delivery_mode=2, message_id=message.message_id, headers={COMMANDS_HEADER: len(claims)}
         )
+        ACCEPT_GROUP_SIZE.observe(len(claims))
+        started = time.perf_counter()
         try:
             await self.publisher.publish(
                 exchange="", routing_key=self.queue_name, body=message.encode(), properties=properties
             )
         except PublishFailed as exc:
+            PUBLISH_CONFIRM_SECONDS.labels("failed").observe(time.perf_counter() - started)
             raise BrokerUnavailable(str(exc)) from exc
+        PUBLISH_CONFIRM_SECONDS.labels("confirmed").observe(time.perf_counter() - started)
 
     async def close(self) -> None:
         await self.publisher.close()
