@@ -273,12 +273,68 @@ def test_a_malformed_trusted_proxies_setting_fails_at_start(settings: Settings) 
         "/v1/accounts/%00",
         "/v1/accounts/%ff%fe",
         "/v1/operations/{a}%00",
+        # the listings and balances
+        "/v1/accounts?limit=" + "9" * 5000,
+        "/v1/accounts?cursor=%ff%fe",
+        "/v1/accounts?cursor=" + "A" * 5000,
+        "/v1/accounts?metadata%5B%5D=x",
+        "/v1/accounts?metadata%5B" + "k" * 100 + "%5D=x",
+        "/v1/accounts?metadata%5Bk%5D=a&metadata%5Bk%5D=b",
+        "/v1/accounts?currency=%00",
+        "/v1/transactions?account_id=%00",
+        "/v1/transactions?kind=" + "x" * 5000,
+        "/v1/transactions?since=2026-13-45T99:00:00Z",
+        "/v1/transactions?cursor=eyJmIjogMX0",  # {"f": 1}: JSON, but not a cursor
+        "/v1/operations?status=%ff",
+        "/v1/operations?until=2020-01-01T00:00:00Z&since=2021-01-01T00:00:00Z",
+        "/v1/transactions/%00",
+        "/v1/accounts/{a}/balance?as_of=" + "9" * 5000,
+        "/v1/accounts/{a}/balance?as_of=2026-01-01T00:00:00",  # no offset
+        "/v1/accounts/{a}/balance-history?interval=day&since=0001-01-01T00:00:00Z",
+        "/v1/accounts/{a}/balance-history?interval=week&since=2026-01-01T00:00:00Z",
     ],
 )
 async def test_hostile_paths_and_queries_are_problems(api: TestClient[Any, Any], api_key: str, target: str) -> None:
     response = await api.get(target.format(a=uuid.uuid4()), headers={"Authorization": f"Bearer {api_key}"})
     status, code = await problem(response)
     assert 400 <= status < 500, code
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw_body"),
+    [
+        ("POST", "/v1/transactions", b'{"legs": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
+        ("POST", "/v1/transactions", b'{"legs": [{"account_id": "%s", "amount": ' + b"9" * 5000 + b"}]}"),
+        ("POST", "/v1/transactions", b'{"legs": [{"account_id": "%s", "amount": 1e999, "currency": "USD"}]}'),
+        ("POST", "/v1/transactions", rb'{"legs": "\u0000"}'),
+        ("POST", "/v1/transactions", b"\xff\xfe{}"),
+        ("PATCH", "/v1/accounts/%s", rb'{"metadata": {"\ud800": "x"}}'),
+        ("PATCH", "/v1/accounts/%s", rb'{"metadata": {"k": "\u0000"}}'),
+        ("PATCH", "/v1/accounts/%s", b'{"metadata": {"k": ' + b"[" * 20000 + b"]" * 20000 + b"}}"),
+        ("POST", "/v1/accounts/%s/freeze", b'{"status": "closed"}'),
+        ("POST", "/v1/accounts/%s/close", b"\xff"),
+    ],
+    ids=[
+        "legs-deep-nesting",
+        "leg-huge-int",
+        "leg-huge-float",
+        "legs-nul",
+        "not-utf8",
+        "patch-lone-surrogate",
+        "patch-nul",
+        "patch-deep-nesting",
+        "freeze-with-a-body",
+        "close-not-utf8",
+    ],
+)  # fmt: skip
+async def test_hostile_bodies_on_the_new_routes_are_problems(
+    api: TestClient[Any, Any], api_key: str, method: str, path: str, raw_body: bytes
+) -> None:
+    target = path.replace("%s", str(uuid.uuid4()))
+    body = raw_body.replace(b"%s", str(uuid.uuid4()).encode())
+    h = auth(api_key, **{"Content-Type": "application/json"})
+    status, code = await problem(await api.request(method, target, data=body, headers=h))
+    assert status in (400, 422), code
 
 
 @pytest.mark.parametrize(
