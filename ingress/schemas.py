@@ -31,13 +31,18 @@ def parse_query(query: dict[str, str]) -> EntriesQuery:
         raise validation_problem(exc, status=400) from None
 
 
-class AccountsQuery(BaseModel):
-    """`GET /v1/accounts`; `metadata[key]=value` pairs are taken out before (see `query_with_metadata`)."""
+class ListingQuery(BaseModel):
+    """What every keyset-paginated listing takes (its cursor carries the listing's digest, hence 500)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     limit: int = Field(100, ge=1, le=1000)
     cursor: str | None = Field(None, max_length=500)
+
+
+class AccountsQuery(ListingQuery):
+    """`GET /v1/accounts`; `metadata[key]=value` pairs are taken out before (see `query_with_metadata`)."""
+
     order: Literal["desc", "asc"] = "desc"  # by creation
     currency: str | None = Field(None, pattern=r"^[A-Z]{3}$")
     status: Literal["open", "frozen", "closed"] | None = None
@@ -46,13 +51,9 @@ class AccountsQuery(BaseModel):
 METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$", re.DOTALL)
 
 
-class TransactionsQuery(BaseModel):
+class TransactionsQuery(ListingQuery):
     """`GET /v1/transactions`; `metadata[key]=value` pairs are taken out before (see `query_with_metadata`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    limit: int = Field(100, ge=1, le=1000)
-    cursor: str | None = Field(None, max_length=500)
     order: Literal["desc", "asc"] = "desc"  # by time
     account_id: UUID | None = None  # transactions with an entry on this account
     kind: Literal["credit", "debit", "transfer", "multi_leg"] | None = None
@@ -75,13 +76,9 @@ def query_with_metadata(model: type[M], query: MultiMapping[str]) -> tuple[M, tu
     return parse_model(model, plain), tuple(sorted(metadata.items()))
 
 
-class OperationsQuery(BaseModel):
+class OperationsQuery(ListingQuery):
     """`GET /v1/operations`, oldest first: for reconciliation, what was accepted and how it ended."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    limit: int = Field(100, ge=1, le=1000)
-    cursor: str | None = Field(None, max_length=500)
     status: Literal["pending", "succeeded", "failed"] | None = None
     since: AwareDatetime | None = None  # inclusive, on when the operation was accepted
     until: AwareDatetime | None = None  # exclusive
