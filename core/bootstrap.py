@@ -20,6 +20,7 @@ from core.adapters.postgres.uow import PostgresUnitOfWork
 from core.adapters.postgres.webhooks import PostgresWebhooks
 from core.adapters.rabbitmq.commands import AmqpCommandQueue, CommandPublisher, retry_delays_ms
 from core.adapters.rabbitmq.consumer import CommandConsumer, EventConsumer
+from core.adapters.rabbitmq.trail import AmqpRequestTrail
 from core.adapters.redis.cache import OperationCache, RedisQueuedKeys, SettlementPublisher
 from core.adapters.redis.client import async_client, sync_client
 from core.adapters.redis.rate_limit import TokenBucket
@@ -28,7 +29,7 @@ from core.application import group_commit, handlers
 from core.application.accept import Acceptance
 from core.application.commands import Command
 from core.application.group_commit import Outcome, Unsettled
-from core.application.ports import CommandQueue, OperationRecords, Submission
+from core.application.ports import CommandQueue, OperationRecords, RequestTrail, Submission
 from core.application.requests import BODIES
 from core.application.retry import RetryPolicy
 from core.application.views import OperationResult
@@ -131,6 +132,19 @@ async def ingress_database(settings: Settings) -> AsyncConnectionPool:
 def command_queue(settings: Settings) -> AmqpCommandQueue:
     """The ingress's command queue: RabbitMQ, confirms pipelined; it connects on first use."""
     return AmqpCommandQueue(settings.amqp_url, queue_name=settings.command_queue)
+
+
+def request_trail(settings: Settings, *, node: str) -> RequestTrail | None:
+    """Where an ingress node sends the records of the requests it answered (None: `audit_requests` is off)."""
+    if not settings.audit_requests:
+        return None
+    return AmqpRequestTrail(
+        settings.amqp_url,
+        queue=settings.audit_queue,
+        exchange=settings.events_exchange,
+        wait_s=settings.audit_request_wait_ms / 1000,
+        name=f"cleanledger request trail {node}",
+    )
 
 
 def operation_records(database: AsyncConnectionPool) -> PostgresOperationRecords:

@@ -8,7 +8,10 @@ PostgreSQL cannot be reached."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
+import socket
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -63,10 +66,19 @@ def cmd_verify(settings: Settings, _: argparse.Namespace) -> int:
     return 1 if violations else 0
 
 
+def cli_actor() -> str:
+    """Who runs this command, as the audit trail records an administrative action: `cli:<user>@<host>`."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or the password database
+        user = f"uid {os.getuid()}"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
 def cmd_create_api_key(settings: Settings, args: argparse.Namespace) -> int:
     pool = open_pool(settings, min_size=1, max_size=1, open_timeout_s=CONNECT_TIMEOUT_S)
     try:
-        key, secret = create_api_key(pool, args.tenant, name=args.name)
+        key, secret = create_api_key(pool, args.tenant, name=args.name, actor=cli_actor())
     finally:
         pool.close()
     print(f"api key {key.id} for tenant {key.tenant_id} (shown once, store it now):", file=sys.stderr)
@@ -100,7 +112,7 @@ def key_id(value: str) -> UUID:
 def cmd_revoke_api_key(settings: Settings, args: argparse.Namespace) -> int:
     pool = open_pool(settings, min_size=1, max_size=1, open_timeout_s=CONNECT_TIMEOUT_S)
     try:
-        revoked = revoke_api_key(pool, args.key_id)
+        revoked = revoke_api_key(pool, args.key_id, actor=cli_actor())
     finally:
         pool.close()
     if not revoked:

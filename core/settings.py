@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     request_queue: str = "ledger.requests"  # the workers' queue bound to it, one routing key per command type
     audit_queue: str = "ledger.audit"  # the audit consumer's queue, bound to every ledger event
     audit_group_max: PositiveInt = 500  # events written to the audit store in one insert_many at most
+    # Every mutating request an ingress answers, accepted or refused, goes to the audit trail as received
+    # (secrets cut out); false keeps only what the ledger commits (events and snapshots).
+    audit_requests: bool = True
+    # Longest a request waits for RabbitMQ to confirm its record before it is answered anyway (the record is
+    # then published again in the background), milliseconds.
+    audit_request_wait_ms: PositiveInt = 1000
     worker_max_retries: NonNegativeInt = 8  # later tries of a command that failed on its own, before it is given up
     worker_min_backoff_ms: PositiveInt = 200  # first retry delay, milliseconds (doubles, jittered)
     worker_max_backoff_ms: PositiveInt = 30_000  # retry delay cap, milliseconds

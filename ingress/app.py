@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,7 @@ from core.bootstrap import (
     ingress_database,
     ingress_redis,
     operation_records,
+    request_trail,
 )
 from core.entrypoint import parser_for
 from core.logs import configure_logging
@@ -29,6 +31,7 @@ from ingress.middleware import (
     authenticate,
     install_problem_error_handler,
     problems,
+    record_requests,
     request_context,
 )
 from ingress.routes import routes
@@ -82,6 +85,14 @@ async def broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await ingress.queue.close()
 
 
+async def trail_ctx(app: web.Application) -> AsyncIterator[None]:
+    ingress = app[INGRESS]
+    ingress.trail = request_trail(ingress.settings, node=ingress.node)
+    yield
+    if ingress.trail is not None:
+        await ingress.trail.close()
+
+
 async def acceptance_ctx(app: web.Application) -> AsyncIterator[None]:
     ingress = app[INGRESS]
     ingress.acceptance = acceptance(ingress.settings, records=ingress.records, queue=ingress.queue, cache=ingress.cache)
@@ -96,16 +107,30 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
     await ingress.audit.close()
 
 
-def init_app(settings: Settings) -> web.Application:
+def init_app(settings: Settings, *, node: str | None = None) -> web.Application:
+    """node: how the audit trail names this node (default: host name and the configured port)."""
     install_problem_error_handler()  # requests aiohttp itself refuses get problem documents too
     app = web.Application(
-        middlewares=[request_context, problems, authenticate], client_max_size=settings.max_body_bytes
+        middlewares=[request_context, record_requests, problems, authenticate], client_max_size=settings.max_body_bytes
     )
     app[INGRESS] = Ingress(
-        settings, ThreadPoolExecutor(max_workers=settings.ingress_db_threads, thread_name_prefix="ingress-io")
+        settings,
+        ThreadPoolExecutor(max_workers=settings.ingress_db_threads, thread_name_prefix="ingress-io"),
+        node or f"{socket.gethostname()}:{settings.ingress_port}",
     )
     app[API_KEY_CACHE] = ApiKeyCache(settings.api_key_cache_s)
-    app.cleanup_ctx.extend([executor_ctx, ledger_ctx, database_ctx, redis_ctx, broker_ctx, acceptance_ctx, audit_ctx])
+    app.cleanup_ctx.extend(
+        [
+            executor_ctx,
+            ledger_ctx,
+            database_ctx,
+            redis_ctx,
+            broker_ctx,
+            trail_ctx,
+            acceptance_ctx,
+            audit_ctx,
+        ]
+    )
     app.add_routes(routes)
     return app
 
@@ -117,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = settings_or_exit("ingress")
     configure_logging(level=settings.log_level, json=settings.log_json)
+    port = args.port or settings.ingress_port
     web.run_app(
-        init_app(settings),
+        init_app(settings, node=f"{socket.gethostname()}:{port}"),
         host=args.host or settings.ingress_host,
-        port=args.port or settings.ingress_port,
+        port=port,
         access_log=None,  # request_context logs every request as JSON with its request id
         print=None,
         # SIGTERM: stop listening, let the requests in flight finish (a `Prefer: wait` one may hold for up to

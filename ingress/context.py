@@ -21,7 +21,7 @@ from core.adapters.redis.rate_limit import TokenBucket
 from core.adapters.redis.revocations import RevocationListener
 from core.adapters.redis.waiter import SettlementWaiter
 from core.application.accept import Acceptance
-from core.application.ports import OperationRecords
+from core.application.ports import OperationRecords, RequestTrail
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from ingress.health import Readiness
@@ -44,6 +44,7 @@ class Ingress:
 
     settings: Settings
     executor: ThreadPoolExecutor
+    node: str  # host:port, as the audit trail names the node that answered
     ledger: LedgerService = field(init=False)  # blocking reads (accounts, entries, webhooks), on `executor`
     database: AsyncConnectionPool = field(init=False)  # the event loop's PostgreSQL
     records: OperationRecords = field(init=False)  # operations pending or settled, read on the event loop
@@ -57,6 +58,7 @@ class Ingress:
     revocations: RevocationListener = field(init=False)
     readiness: Readiness = field(init=False)  # GET /readyz
     audit: AuditReader = field(init=False)  # GET /v1/operations/{id}/audit
+    trail: RequestTrail | None = field(init=False)  # every mutating request, answered (None: audit_requests off)
     # Parsed from settings.trusted_proxies once, so a malformed setting fails at start, not per request.
     trusted_proxies: tuple[IPNetwork, ...] = field(init=False)
 

@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +21,7 @@ from aiohttp.typedefs import Handler
 
 from core.adapters.metrics import HTTP_REQUEST_SECONDS
 from core.adapters.postgres.api_keys import ApiKey, find_api_key, hash_secret
+from core.application.ports import ReceivedRequest
 from core.domain.errors import (
     LedgerError,
     MethodNotAllowed,
@@ -32,13 +34,18 @@ from core.domain.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from core.domain.secrets import redact, redact_headers
 from ingress.context import INGRESS, IPNetwork
 
 log = structlog.get_logger("ingress")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROBLEM_JSON = "application/problem+json"
 TENANT = web.RequestKey("tenant", str)
+API_KEY_ID = web.RequestKey("api_key_id", str)
 REQUEST_ID = web.RequestKey("request_id", str)
+RAW_BODY = web.RequestKey("raw_body", bytes)  # the body as received, once a route has read it
+# Methods whose requests the audit trail records, accepted or refused.
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Most API keys an ingress process remembers at once (least recently used are dropped first).
 API_KEY_CACHE_SIZE = 10_000
 # Most unknown or revoked secrets it remembers, in their own LRU.
@@ -91,6 +98,46 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         duration_ms=round(elapsed_s * 1000, 2),
     )
     return response
+
+
+@web.middleware
+async def record_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every mutating `/v1` request, once answered, accepted or refused, goes to the audit trail as received:
+    headers without credentials, the body, tenant, API key, node, time and the answer, secrets cut out. The
+    answer waits for RabbitMQ's confirm of the record (bounded, see `AmqpRequestTrail`), never for MongoDB."""
+    received_at = datetime.now(UTC)
+    response = await handler(request)
+    trail = request.app[INGRESS].trail
+    if trail is not None and request.method in MUTATING_METHODS and request.path.startswith("/v1/"):
+        await trail.record(received_request(request, response, received_at))
+    return response
+
+
+def received_request(request: web.Request, response: web.StreamResponse, received_at: datetime) -> ReceivedRequest:
+    raw = request.get(RAW_BODY)
+    answered = response.body if isinstance(response, web.Response) else None
+    headers = redact_headers([(name, _text(value)) for name, value in request.headers.items()])
+    return ReceivedRequest(
+        request_id=request.get(REQUEST_ID, ""),
+        received_at=received_at,
+        node=request.app[INGRESS].node,
+        tenant_id=request.get(TENANT),
+        api_key_id=request.get(API_KEY_ID),
+        method=request.method,
+        path=redact(_text(request.rel_url.raw_path)),
+        query=redact(_text(request.rel_url.raw_query_string)),
+        headers=headers,
+        body=None if raw is None else redact(raw.decode("utf-8", "replace")),
+        status=response.status,
+        answer=redact(answered.decode("utf-8", "replace")) if isinstance(answered, bytes) else None,
+        idempotency_key=headers.get("idempotency-key"),
+    )
+
+
+def _text(value: str) -> str:
+    """A string as received, with the bytes that were not UTF-8 (kept by aiohttp as surrogate escapes) replaced,
+    so that it can be encoded for the record."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @web.middleware
@@ -337,6 +384,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     if key is None:
         raise Unauthorized("the API key is unknown or revoked")
     request[TENANT] = key.tenant_id
+    request[API_KEY_ID] = str(key.id)
     structlog.contextvars.bind_contextvars(tenant_id=key.tenant_id)
     decision = await ingress.limiter.take(str(key.id))
     if not decision.allowed:

@@ -50,7 +50,7 @@ from core.domain.errors import (
     UnsupportedMediaType,
 )
 from ingress.context import INGRESS, Ingress
-from ingress.middleware import TENANT
+from ingress.middleware import RAW_BODY, TENANT
 from ingress.schemas import (
     AccountsQuery,
     BalanceHistoryQuery,
@@ -164,6 +164,7 @@ async def read_body(request: web.Request, model: type[B], *, timeout_s: float) -
     try:
         async with asyncio.timeout(timeout_s):  # a body trickled in byte by byte must not hold the request
             raw = await request.read()
+        request[RAW_BODY] = raw  # for the audit trail, as received
     except web.RequestPayloadError:  # gzip/deflate that does not decode, or a body cut short
         raise RequestInvalid(
             "the body could not be read: it does not match its Content-Encoding or was cut short"
@@ -451,7 +452,8 @@ def endpoint_path(endpoint_id: UUID | str) -> str:
 async def read_json(request: web.Request) -> bytes:
     if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
         raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
-    return await request.read()
+    request[RAW_BODY] = raw = await request.read()  # for the audit trail, as received
+    return raw
 
 
 @routes.post("/v1/webhook-endpoints")

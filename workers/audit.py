@@ -1,4 +1,5 @@
-"""The audit consumer: every ledger event, from its own durable queue, into the audit store (MongoDB).
+"""The audit consumer: every ledger event and every request received, from its own durable queue, into the
+audit store (MongoDB).
 
 Run with `python -m workers.audit` (see Procfile). The ledger never waits for it: events reach it through the
 outbox, the relay and RabbitMQ. It takes them in groups (`CLEANLEDGER_AUDIT_GROUP_MAX`), writes each group
@@ -8,7 +9,10 @@ consumer killed mid-group leaves its group to be redelivered, and the store keep
 
 Each event is an operation's record: the request as claimed (`request`), its idempotency key and operation
 id, and what it committed (`transaction.posted`: the transaction, its entries and the balances it left) or why
-it was refused (`transaction.rejected`: the problem).
+it was refused (`transaction.rejected`: the problem). Administrative actions are events too (`account.status_changed`;
+`admin.api_key.created`, `admin.api_key.revoked`). The ingress nodes publish, in groups, the record of every
+mutating request they answered (`request.received`): as received, secrets cut out, with the answer given,
+linked to the operation the answer names.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import signal
 import time
 from datetime import datetime
 from types import FrameType
+from typing import Any
 
 import pika.exceptions
 import structlog
@@ -25,8 +30,10 @@ from pymongo.errors import BulkWriteError
 
 from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
 from core.adapters.rabbitmq.events import POSITION_HEADER
+from core.adapters.rabbitmq.trail import REQUEST_RECORDS_TYPE
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
 from core.bootstrap import audit_store, event_consumer
+from core.domain.secrets import redact
 from core.entrypoint import start
 
 log = structlog.get_logger("audit")
@@ -37,13 +44,29 @@ RETRY_FIRST_S = 0.2
 RETRY_CAP_S = 5.0
 # After the first event of a group, how long to wait for more, in seconds.
 GROUP_WAIT_S = 0.05
+# What a request's record keeps, besides its answer (parsed) and what the record itself holds.
+REQUEST_FIELDS = ("request_id", "node", "api_key_id", "method", "path", "query", "headers", "body", "status")
 
 
-def audit_record(delivery: Delivery) -> AuditRecord:
-    """The record of one event message (`core/adapters/rabbitmq/events.py`); ValueError when it is none."""
+def audit_records(delivery: Delivery) -> list[AuditRecord]:
+    """The records of one message: a ledger event's (`core/adapters/rabbitmq/events.py`), or a group of requests
+    an ingress answered (`core/adapters/rabbitmq/trail.py`). ValueError when it is neither."""
+    if delivery.properties.type == REQUEST_RECORDS_TYPE:
+        try:
+            documents = json.loads(delivery.body)
+            if not isinstance(documents, list):
+                raise TypeError("not a list of requests")
+            return [request_record(document) for document in documents]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a group of request records: {exc}") from None
+    return [event_record(delivery)]
+
+
+def event_record(delivery: Delivery) -> AuditRecord:
     position = (delivery.properties.headers or {}).get(POSITION_HEADER)
     try:
-        event = json.loads(delivery.body)
+        # A secret a client put in what the ledger keeps (an account's metadata) stays out of the trail.
+        event = json.loads(redact(delivery.body.decode()))
         data = event["data"]
         return AuditRecord(
             id=str(event["id"]),
@@ -57,6 +80,34 @@ def audit_record(delivery: Delivery) -> AuditRecord:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an event: {exc}") from None
+
+
+def request_record(document: dict[str, Any]) -> AuditRecord:
+    """A request as received, linked to the operation its answer names (accepted, or refused as a reused key)."""
+    answer = _json_or_text(document["answer"])
+    operation_id = None
+    if isinstance(answer, dict):
+        operation_id = answer.get("id") if answer.get("object") == "operation" else answer.get("operation_id")
+    kept = {name: document[name] for name in REQUEST_FIELDS}
+    return AuditRecord(
+        id=str(document["id"]),
+        kind=REQUEST_RECORDS_TYPE,
+        tenant_id=document["tenant_id"],
+        occurred_at=datetime.fromisoformat(document["received_at"]),
+        operation_id=operation_id if isinstance(operation_id, str) else None,
+        idempotency_key=document["idempotency_key"],
+        document={**kept, "answer": answer},
+    )
+
+
+def _json_or_text(text: str | None) -> Any:
+    """An answer as JSON when it is (they all are, problem documents included), else as the text it was."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class AuditWorker:
@@ -91,7 +142,7 @@ class AuditWorker:
         rejected: set[int] = set()
         for delivery in group:
             try:
-                records.append((delivery, audit_record(delivery)))
+                records.extend((delivery, record) for record in audit_records(delivery))
             except ValueError as exc:
                 log.error("audit.message_invalid", error=str(exc), tag=delivery.tag)
                 rejected.add(delivery.tag)

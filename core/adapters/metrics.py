@@ -3,7 +3,7 @@ ingress serves them at `GET /metrics`; adapters record what only they see (a pub
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 # Seconds: from a millisecond to the longest `Prefer: wait` (30 s).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -29,6 +29,17 @@ PUBLISH_CONFIRM_SECONDS = Histogram(
     "From publishing a command message to RabbitMQ's confirm (or its failure)",
     ["result"],
     buckets=LATENCY_BUCKETS_S,
+)
+
+REQUEST_RECORDS = Counter(
+    "cleanledger_request_records_total",
+    "Records of mutating requests for the audit trail: queued (confirmed by RabbitMQ), or lost (dropped "
+    "unqueued: the backlog overflowed or the node stopped with RabbitMQ unreachable)",
+    ["result"],
+)
+REQUEST_RECORDS_UNSENT = Gauge(
+    "cleanledger_request_records_unsent",
+    "Records of requests RabbitMQ has not confirmed yet, kept for the next attempt",
 )
 
 

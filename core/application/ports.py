@@ -28,6 +28,12 @@ class ExistingKey:
     age_s: float = 0.0  # seconds since the key was claimed, by the store's clock
 
 
+# Events whose type starts so are administrative actions (an API key created or revoked): for the audit trail
+# only. They travel the outbox and the relay like any event, but no webhook delivers them and `/v1/events`
+# does not list them.
+ADMIN_EVENT_PREFIX = "admin."
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """A fact published after commit through the outbox. `id` lets consumers deduplicate."""
@@ -137,8 +143,8 @@ class AuditRecord:
     """One record of the audit trail. `id` is unique (an event's id): writing it twice keeps one."""
 
     id: str
-    kind: str  # what it records, e.g. the event type "transaction.posted"
-    tenant_id: str
+    kind: str  # what it records, e.g. the event type "transaction.posted", or "request.received"
+    tenant_id: str | None  # None: a request refused before its API key was known
     occurred_at: datetime
     operation_id: str | None  # links it to its operation, when it has one
     idempotency_key: str | None
@@ -164,6 +170,41 @@ class AuditStore(abc.ABC):
 
 class AuditUnavailable(Exception):
     """The audit store cannot be reached; nothing was lost, the records wait in their queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedRequest:
+    """A mutating request as an ingress received and answered it, accepted or refused, for the audit trail.
+    Built with its secrets already cut out (`core.domain.secrets`): credential headers, and any token that
+    looks like a secret wherever the client put it."""
+
+    request_id: str  # the id the logs and the problem's `instance` carry
+    received_at: datetime
+    node: str  # which ingress answered: host:port
+    tenant_id: str | None  # None when refused before its API key was known
+    api_key_id: str | None
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: str | None  # as received (UTF-8, undecodable bytes replaced); None when refused before it was read
+    status: int
+    answer: str | None  # the body of the answer given
+    idempotency_key: str | None
+
+
+class RequestTrail(abc.ABC):
+    """Where the ingress hands every mutating request, once answered, on its way to the audit store. Never on
+    the audit store's time: the adapter only queues it (RabbitMQ)."""
+
+    @abc.abstractmethod
+    async def record(self, request: ReceivedRequest) -> None:
+        """Queue the request's record. Returns once the queue confirmed it, or after the adapter's bound on
+        waiting (it keeps trying meanwhile, in the background). Never raises."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Queue what is still waiting, within a short bound; what cannot be queued is logged as lost."""
 
 
 # --- the accept phase (ingress): async, on the event loop ----------------------------------------------------

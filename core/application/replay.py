@@ -58,7 +58,10 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
     found: dict[str, Recorded] = {}
     for record in records:
         document = record.document
-        if record.kind not in OUTCOME_KINDS or record.position is None or "request" not in document:
+        tenant_id = record.tenant_id
+        if record.kind not in OUTCOME_KINDS or record.position is None or tenant_id is None:
+            continue
+        if "request" not in document:
             continue
         request: dict[str, Any] = dict(document["request"])
         if record.kind == "account.created":
@@ -73,7 +76,7 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
             operation_id,
             Recorded(
                 record.position,
-                record.tenant_id,
+                tenant_id,
                 Submission(command_from_json(request), str(document["idempotency_key"]), UUID(operation_id)),
                 problem is None,
                 problem.get("code") if isinstance(problem, dict) else None,

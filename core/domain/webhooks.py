@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
 from core.domain.errors import WebhookUrlForbidden, WebhookUrlInvalid
+from core.domain.secrets import WEBHOOK_SECRET_PREFIX as SECRET_PREFIX
 
 MAX_URL_LENGTH = 2048
 SCHEMES = frozenset({"http", "https"})
-SECRET_PREFIX = "whsec_"  # noqa: S105 - a public marker, not a secret
 SIGNATURE_HEADER = "Cleanledger-Signature"
 DELIVERY_HEADER = "Cleanledger-Delivery"
 EVENT_HEADER = "Cleanledger-Event"

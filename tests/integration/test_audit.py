@@ -3,14 +3,19 @@ the outbox, the relay and RabbitMQ, across a crash of its consumer and an outage
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pika
 import psycopg
 import pymongo
 import pytest
@@ -18,8 +23,12 @@ from aiohttp.test_utils import TestClient
 
 from core.adapters.mongo.audit import COLLECTION
 from core.adapters.postgres.api_keys import create_api_key
+from core.adapters.postgres.webhook_worker import fan_out
+from core.adapters.rabbitmq.trail import AmqpRequestTrail
 from core.application.commands import Credit, Transfer
-from core.bootstrap import LedgerService
+from core.application.ports import ReceivedRequest
+from core.application.webhooks import EventFilter
+from core.bootstrap import LedgerService, bootstrap
 from core.cli import main as cli_main
 from core.domain.money import Money
 from core.settings import Settings
@@ -272,3 +281,173 @@ def fresh_database() -> Iterator[str]:
             yield psycopg.conninfo.make_conninfo(admin, dbname=name)
         finally:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def request_records(mongo_url: str, query: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """The request records matching `query`, once there are `count` of them (or whatever there is by then)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000) as client:
+            found = list(client.get_default_database()[COLLECTION].find({"kind": "request.received", **query}))
+        if len(found) >= count or time.monotonic() > deadline:
+            return sorted(found, key=lambda r: r["occurred_at"])
+        time.sleep(0.2)
+
+
+async def test_every_mutating_request_is_in_the_trail_as_received_with_its_answer_and_no_secret(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    audited: Settings,
+    mongo: MongoServer,
+    ledger: LedgerService,
+    tenant: str,
+) -> None:
+    own = audited.replace(webhook_allowed_networks="127.0.0.0/8")
+    api_key, secret = create_api_key(ledger.pool, tenant)
+    auth = {"Authorization": f"Bearer {secret}"}
+    node = await aiohttp_client(init_app(own, node="node-under-test:1"))
+    with (
+        ManagedProcess.start([str(BIN / "python"), "-m", "workers.consumer"], env=settings_env(own), name="trail-w"),
+        audit_consumer(own, "audit-requests"),
+    ):
+        accepted = await node.post(
+            "/v1/accounts?source=test",
+            json={"currency": "USD", "metadata": {"note": f"my key is {secret}"}},
+            headers={**auth, "Idempotency-Key": "trail-open", "Prefer": "wait=10", "X-Request-ID": "trail-1"},
+        )
+        assert accepted.status == 201, await accepted.text()
+        operation = await accepted.json()
+        refused = await node.post(
+            "/v1/credits", data=b'{"amount": -5, "currency": "USD"}',
+            headers={**auth, "Idempotency-Key": "trail-bad", "Content-Type": "application/json"},
+        )  # fmt: skip
+        assert refused.status == 422
+        anonymous = await node.post(
+            "/v1/accounts", json={"currency": "USD"}, headers={"Authorization": f"Basic {secret}"}
+        )
+        assert anonymous.status == 401
+        hook = await node.post(
+            "/v1/webhook-endpoints", json={"url": "http://127.0.0.1:9/hook", "event_types": ["*"]}, headers=auth
+        )
+        assert hook.status == 201
+        hook_secret = (await hook.json())["secret"]
+        assert (await node.get("/v1/accounts", headers=auth)).status == 200  # reads are not recorded
+        mine = request_records(own.mongo_url, {"tenant_id": tenant}, 3)
+        assert [(r["document"]["method"], r["document"]["path"], r["document"]["status"]) for r in mine] == [
+            ("POST", "/v1/accounts", 201),
+            ("POST", "/v1/credits", 422),
+            ("POST", "/v1/webhook-endpoints", 201),
+        ]
+        opened, bad, registered = (r["document"] for r in mine)
+        # As received: the body, query and headers the client sent, credentials and secrets cut out.
+        assert opened["query"] == "source=test"
+        assert opened["headers"]["authorization"] == "[redacted]"
+        assert opened["headers"]["x-request-id"] == opened["request_id"] == "trail-1"
+        assert opened["headers"]["prefer"] == "wait=10"
+        assert json.loads(opened["body"])["metadata"]["note"] == "my key is clk_[redacted]"
+        assert (opened["api_key_id"], opened["node"]) == (str(api_key.id), "node-under-test:1")
+        # The answer given, linked to its operation; the problem of a refused one.
+        assert opened["answer"]["id"] == operation["id"] == mine[0]["operation_id"]
+        assert mine[0]["idempotency_key"] == "trail-open"
+        assert bad["body"] == '{"amount": -5, "currency": "USD"}'
+        assert bad["answer"]["code"] == "validation-failed" and mine[1]["operation_id"] is None
+        assert registered["answer"]["secret"] == "whsec_[redacted]"
+        # Refused before its API key was known: recorded without a tenant.
+        [unknown] = request_records(own.mongo_url, {"tenant_id": None, "document.headers.authorization": "[redacted]",
+                                                    "occurred_at": {"$gte": mine[0]["occurred_at"]}}, 1)  # fmt: skip
+        assert (unknown["document"]["status"], unknown["document"]["body"]) == (401, None)
+        # The operation's audit: its raw request beside its snapshot.
+        audit_path = f"/v1/operations/{operation['id']}/audit"
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            served = (await (await node.get(audit_path, headers=auth)).json())["data"]
+            kinds = sorted(r["kind"] for r in served)
+            if kinds == ["account.created", "request.received"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert kinds == ["account.created", "request.received"]
+    with pymongo.MongoClient(own.mongo_url, serverSelectionTimeoutMS=5000) as client:
+        stored = json.dumps(list(client.get_default_database()[COLLECTION].find({})), default=str)
+    for value in (secret, hook_secret):
+        assert value[4:20] not in stored
+
+
+def test_api_keys_created_and_revoked_are_audited_for_the_trail_alone(
+    audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    for name, value in settings_env(audited).items():
+        if name.startswith("CLEANLEDGER_"):
+            monkeypatch.setenv(name, value)
+    assert cli_main(["create-api-key", "--tenant", tenant, "--name", "ops"]) == 0
+    secret = capsys.readouterr().out.strip()
+    assert cli_main(["list-api-keys", "--tenant", tenant]) == 0
+    key_id = capsys.readouterr().out.split()[0]
+    assert cli_main(["revoke-api-key", key_id]) == 0
+    with audit_consumer(audited, "audit-admin"):
+        found = wait_for_records(mongo.url, tenant, outbox_ids(audited, tenant))
+    assert sorted(r["kind"] for r in found) == ["admin.api_key.created", "admin.api_key.revoked"]  # type: ignore[type-var]
+    for record in found:
+        document = record["document"]
+        assert isinstance(document, dict)
+        assert document["api_key"]["id"] == key_id and document["api_key"]["name"] == "ops"
+        assert document["api_key"]["prefix"] == secret[:12]
+        assert document["actor"].startswith("cli:")
+        assert secret[12:] not in json.dumps(document)
+    # Not for the tenant's event feed, nor for its webhooks, even one subscribed to every event.
+    events = ledger.webhooks.events(tenant, limit=10, cursor=None, filters=EventFilter())
+    assert events.events == []
+    hooks = bootstrap(audited.replace(webhook_allowed_networks="127.0.0.0/8"), pool_size=1)
+    try:
+        hooks.webhooks.register(tenant, "http://127.0.0.1:9/hook", ["*"])
+    finally:
+        hooks.close()
+    documents = [{"id": r["_id"], "type": r["kind"], "tenant_id": tenant, "data": r["document"]} for r in found]
+    with psycopg.connect(audited.database_url) as conn:
+        assert fan_out(conn, documents, retry_window_s=60) == 0
+        account_event = {"id": str(uuid.uuid4()), "type": "account.created", "tenant_id": tenant, "data": {}}
+        assert fan_out(conn, [account_event], retry_window_s=60) == 1  # the same endpoint gets the others
+
+
+def received(n: int, tenant: str) -> ReceivedRequest:
+    return ReceivedRequest(
+        request_id=f"r{n}", received_at=datetime.now(UTC), node="n:1", tenant_id=tenant, api_key_id=None,
+        method="POST", path="/v1/credits", query="", headers={}, body="{}", status=422, answer="{}",
+        idempotency_key=f"k{n}",
+    )  # fmt: skip
+
+
+async def test_a_request_waits_for_its_record_a_bounded_time_and_the_record_is_not_lost(
+    settings: Settings, tenant: str
+) -> None:
+    own = private_queues(settings, f"trail{key()[:8]}")
+    closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    down = AmqpRequestTrail(closed, queue=own.audit_queue, exchange=own.events_exchange, wait_s=0.3)
+    try:
+        started = time.monotonic()
+        await asyncio.gather(*(down.record(received(n, tenant)) for n in range(5)))
+        assert time.monotonic() - started < 2.0  # the bound, plus a failed connection attempt at most
+        assert len(down._unsent) == 5  # kept for the next attempt, not dropped
+    finally:
+        await down.close()  # still unreachable: counted as lost, and the close does not hang
+    up = AmqpRequestTrail(own.amqp_url, queue=own.audit_queue, exchange=own.events_exchange, wait_s=5)
+    try:
+        await asyncio.gather(*(up.record(received(n, tenant)) for n in range(40)))
+        assert not up._unsent
+    finally:
+        await up.close()
+    try:
+        connection = pika.BlockingConnection(pika.URLParameters(own.amqp_url))
+        documents: list[dict[str, Any]] = []
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(own.audit_queue, auto_ack=True)
+            if method is None:
+                break
+            assert properties.type == "request.received"
+            assert properties.headers["x-audit-records"] == len(json.loads(body))
+            documents += json.loads(body)
+        connection.close()
+        assert sorted(d["request_id"] for d in documents) == sorted(f"r{n}" for n in range(40))
+        assert len({d["id"] for d in documents}) == 40  # each record its own id, whatever the request id
+    finally:
+        delete_queues(own)

@@ -6,19 +6,23 @@ import hashlib
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from core.application.ports import StoreUnavailable
+from core.adapters.postgres.uow import PostgresOutbox
+from core.application.ports import Event, StoreUnavailable
 from core.domain.ids import new_id
 from core.domain.model import validate_tenant_id
+from core.domain.secrets import API_KEY_PREFIX as SECRET_PREFIX
+from core.domain.secrets import VISIBLE_TOKEN_CHARS
 
-SECRET_PREFIX = "clk_"  # noqa: S105 - a public marker, not a secret
-# Characters of the secret kept in clear, to tell keys apart in listings and logs.
-VISIBLE_PREFIX_CHARS = 12
+# Characters of the secret kept in clear, to tell keys apart in listings and logs: the marker and the token's
+# public part (what `core.domain.secrets.redact` leaves).
+VISIBLE_PREFIX_CHARS = len(SECRET_PREFIX) + VISIBLE_TOKEN_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,16 +36,19 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_api_key(pool: ConnectionPool, tenant_id: str, *, name: str = "") -> tuple[ApiKey, str]:
-    """A new key for the tenant; returns it with its secret, which is not stored and cannot be shown again."""
+def create_api_key(pool: ConnectionPool, tenant_id: str, *, name: str = "", actor: str = "") -> tuple[ApiKey, str]:
+    """A new key for the tenant; returns it with its secret, which is not stored and cannot be shown again.
+    `actor` says who asked, for the audit trail (the event `admin.api_key.created`, committed with the key)."""
     validate_tenant_id(tenant_id)
     secret = SECRET_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(new_id(), tenant_id)
-    with pool.connection() as conn:
+    prefix = secret[:VISIBLE_PREFIX_CHARS]
+    with pool.connection() as conn:  # one transaction: the key and its audit event, or neither
         conn.execute(
             "INSERT INTO api_keys (id, tenant_id, name, prefix, key_hash) VALUES (%s, %s, %s, %s, %s)",
-            (key.id, tenant_id, name, secret[:VISIBLE_PREFIX_CHARS], hash_secret(secret)),
+            (key.id, tenant_id, name, prefix, hash_secret(secret)),
         )
+        _stage_admin_event(conn, "admin.api_key.created", tenant_id, key.id, actor, name=name, prefix=prefix)
     return key, secret
 
 
@@ -71,10 +78,27 @@ def list_api_keys(
     return [ApiKeyListing(*row) for row in rows]
 
 
-def revoke_api_key(pool: ConnectionPool, key_id: UUID) -> bool:
+def revoke_api_key(pool: ConnectionPool, key_id: UUID, *, actor: str = "") -> bool:
+    """Revoke a live key (False: no live key has this id), with its audit event `admin.api_key.revoked`."""
     with pool.connection() as conn:
-        cur = conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL", (key_id,))
-        return cur.rowcount == 1
+        row = conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL RETURNING tenant_id, name,"
+            " prefix",
+            (key_id,),
+        ).fetchone()
+        if row is None:
+            return False
+        tenant_id, name, prefix = row
+        _stage_admin_event(conn, "admin.api_key.revoked", tenant_id, key_id, actor, name=name, prefix=prefix)
+        return True
+
+
+def _stage_admin_event(
+    conn: psycopg.Connection[Any], kind: str, tenant_id: str, key_id: UUID, actor: str, *, name: str, prefix: str
+) -> None:
+    """An administrative action on a key, in the outbox of the transaction that made it: never its secret."""
+    payload = {"api_key": {"id": str(key_id), "name": name, "prefix": prefix}, "actor": actor}
+    PostgresOutbox(conn).stage([Event(kind, tenant_id, payload, datetime.now(UTC))])
 
 
 async def find_api_key(pool: AsyncConnectionPool, secret: str) -> ApiKey | None:

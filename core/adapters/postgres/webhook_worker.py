@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from core.adapters.postgres.db import connect_kwargs
 from core.adapters.postgres.uow import rows_json
+from core.application.ports import ADMIN_EVENT_PREFIX
 from core.application.webhooks import AttemptResult, NextStep
 from core.settings import Settings
 
@@ -22,13 +23,15 @@ NOTIFY_CHANNEL = "cleanledger_webhooks"  # new or resent deliveries are due: wak
 
 # One statement per batch of events: a delivery for each live endpoint of the event's tenant subscribed to its
 # type ('*', the type itself, or its family 'transaction.*'). An event seen again (redelivered by RabbitMQ,
-# republished by the relay) meets the unique (endpoint, event) and adds nothing.
+# republished by the relay) meets the unique (endpoint, event) and adds nothing. Administrative events
+# (ADMIN_EVENT_PREFIX) are for the audit trail alone: no endpoint gets them, '*' included.
 FAN_OUT = (
     "WITH inserted AS ("
     " INSERT INTO webhook_deliveries (id, endpoint_id, tenant_id, event_id, event_type, payload, expires_at)"
     " SELECT gen_random_uuid(), e.id, ev.tn, ev.i, ev.t, ev.p, now() + make_interval(secs => %s)"
     " FROM json_to_recordset(%s::json) AS ev(i uuid, t text, tn text, p jsonb)"
     " JOIN webhook_endpoints e ON e.tenant_id = ev.tn AND e.deleted_at IS NULL"
+    f"  AND NOT starts_with(ev.t, '{ADMIN_EVENT_PREFIX}')"
     "  AND EXISTS (SELECT 1 FROM unnest(e.event_types) AS w(t)"
     "   WHERE w.t = '*' OR w.t = ev.t OR (right(w.t, 2) = '.*' AND starts_with(ev.t, left(w.t, -1))))"
     " ON CONFLICT (endpoint_id, event_id) DO NOTHING RETURNING 1)"

@@ -15,6 +15,7 @@ from uuid import UUID
 from psycopg import IsolationLevel, sql
 from psycopg_pool import ConnectionPool
 
+from core.application.ports import ADMIN_EVENT_PREFIX
 from core.application.webhooks import (
     DeliveryPage,
     EventFilter,
@@ -242,8 +243,12 @@ class PostgresWebhooks(WebhookStore):
         return row is not None
 
     def events(self, tenant_id: str, *, limit: int, cursor: str | None, filters: EventFilter) -> EventPage:
-        conditions: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s")]
-        params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1}
+        # Administrative events are the audit trail's alone.
+        conditions: list[sql.Composable] = [
+            sql.SQL("tenant_id = %(tenant)s"),
+            sql.SQL("NOT starts_with(event_type, %(admin)s)"),
+        ]
+        params: dict[str, object] = {"tenant": tenant_id, "limit": limit + 1, "admin": ADMIN_EVENT_PREFIX}
         if filters.types:
             conditions.append(sql.SQL("event_type = ANY(%(types)s)"))
             params["types"] = list(filters.types)

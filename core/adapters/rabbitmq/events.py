@@ -21,7 +21,14 @@ from typing import Any, Self
 import pika
 
 from core.adapters.rabbitmq.commands import DEAD_LETTER_TTL_MS, dead_letter_queue, main_queue_arguments
-from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, binding, durable_exchange, durable_queue
+from core.adapters.rabbitmq.confirms import (
+    ConfirmingPublisher,
+    Declaration,
+    PublishFailed,
+    binding,
+    durable_exchange,
+    durable_queue,
+)
 from core.application.ports import Event
 from core.settings import Settings
 
@@ -49,6 +56,16 @@ def declare_subscriber_queue(channel: Any, queue: str, exchange: str = EVENTS_EX
     channel.queue_declare(queue, durable=True, arguments=main_queue_arguments(queue))
     channel.queue_declare(dead_letter_queue(queue), durable=True, arguments={"x-message-ttl": DEAD_LETTER_TTL_MS})
     channel.queue_bind(queue, exchange, routing_key="#")
+
+
+def subscriber_queue_topology(queue: str, exchange: str) -> list[Declaration]:
+    """What `declare_subscriber_queue` declares, as steps for a `ConfirmingPublisher` (asyncio)."""
+    return [
+        durable_exchange(exchange, "topic"),
+        durable_queue(queue, main_queue_arguments(queue)),
+        durable_queue(dead_letter_queue(queue), {"x-message-ttl": DEAD_LETTER_TTL_MS}),
+        binding(queue, exchange, "#"),
+    ]
 
 
 def event_body(event: Event) -> bytes:
@@ -105,12 +122,8 @@ class EventPublisher:
         self.app_id = app_id
         self.subscriber_queues = list(subscriber_queues)  # declared with the exchange, see declare_subscriber_queue
         topology = [durable_exchange(exchange, "topic")]
-        for queue in self.subscriber_queues:  # as `declare_subscriber_queue` does
-            topology += [
-                durable_queue(queue, main_queue_arguments(queue)),
-                durable_queue(dead_letter_queue(queue), {"x-message-ttl": DEAD_LETTER_TTL_MS}),
-                binding(queue, exchange, "#"),
-            ]
+        for queue in self.subscriber_queues:
+            topology += subscriber_queue_topology(queue, exchange)
         self._loop = asyncio.new_event_loop()
         self._publisher = ConfirmingPublisher(
             url, topology=topology, timeout_s=blocked_timeout, connect_timeout_s=connect_timeout
