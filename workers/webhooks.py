@@ -5,10 +5,12 @@ Fan-out (a thread, pika): a durable queue (`CLEANLEDGER_WEBHOOK_QUEUE`) bound to
 the event's tenant subscribed to its type; only then is the batch acknowledged (one multiple-ack). An event seen
 twice meets the unique (endpoint, event) and adds nothing, so at-least-once events give exactly one delivery.
 
-Delivery (the asyncio event loop, psycopg's async pool, aiohttp): due deliveries are claimed with
-`FOR UPDATE SKIP LOCKED` and leased, so several workers share the work without sending one twice; each attempt
-is signed, sent with a timeout (`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded with its status, latency and
-error. A non-2xx answer, a timeout or a connection error is retried after a capped exponential backoff with
+Delivery (the asyncio event loop, psycopg's async pool, aiohttp): a new delivery is leased to the worker that
+created it, and handed to its delivery loop in memory, so a first attempt costs no claim; due deliveries
+(retries, released or expired leases) are claimed with `FOR UPDATE SKIP LOCKED` and leased, so several workers
+share the work without sending one twice. Each attempt is signed, sent with a timeout
+(`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded with its status, latency and error, the outcomes of the
+attempts that end together in one statement. A non-2xx answer, a timeout or a connection error is retried after a capped exponential backoff with
 full jitter until the delivery's retry window (`CLEANLEDGER_WEBHOOK_RETRY_WINDOW_S`) is spent; then it is
 marked failed and kept. At most `CLEANLEDGER_WEBHOOK_CONCURRENCY` attempts are in flight, and at most
 `CLEANLEDGER_WEBHOOK_ENDPOINT_CONCURRENCY` to any one endpoint: a claim skips endpoints that have no room, so
@@ -27,7 +29,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -43,15 +46,18 @@ from psycopg_pool import AsyncConnectionPool
 from core.adapters.http.webhooks import Outgoing, WebhookSender
 from core.adapters.postgres.db import connect
 from core.adapters.postgres.webhook_worker import (
+    Attempted,
     Due,
     claim_due,
     fan_out,
     listen,
     open_async_pool,
-    record_attempt,
+    record_attempts,
+    release,
 )
 from core.adapters.rabbitmq.connection import connection_parameters
 from core.adapters.rabbitmq.events import declare_subscriber_queue
+from core.application.grouping import GroupWriter
 from core.application.webhooks import after_attempt
 from core.domain.webhooks import parse_networks
 from core.entrypoint import start
@@ -64,13 +70,20 @@ IDLE_POLL_S = 0.5  # how often an idle fan-out looks at its stop flag, seconds
 RECONNECT_FIRST_S = 0.2
 RECONNECT_CAP_S = 5.0
 LEASE_MARGIN_S = 60.0  # a claimed delivery is due again this long after its attempt's timeout (worker died)
+# Deliveries handed over by the fan-out that may wait here per endpoint, per slot of its concurrency: with every
+# attempt taking the whole timeout (5 s), the last one starts within 8 timeouts, well inside its lease.
+QUEUED_ATTEMPTS_PER_SLOT = 8
+RECORD_GROUP_MAX = 256  # attempts' outcomes recorded in one statement at most
 
 
 class EventFanout:
     """Consumes the webhook queue on its own thread (pika is blocking) and inserts deliveries."""
 
-    def __init__(self, settings: Settings, *, on_created: Callable[[], object]) -> None:
+    def __init__(self, settings: Settings, *, lease_s: float, on_created: Callable[[list[Due]], object]) -> None:
+        """lease_s: how long a new delivery is leased to this worker, seconds. on_created: gets the new
+        deliveries (leased), to attempt them."""
         self.settings = settings
+        self.lease_s = lease_s
         self.on_created = on_created
         self.stopping = threading.Event()
         self._params = connection_parameters(settings.amqp_url)
@@ -154,11 +167,14 @@ class EventFanout:
                 continue
             events[str(document["id"])] = document
         backoff = RECONNECT_FIRST_S
-        created = 0
+        created: list[Due] = []
         while events:
             try:
                 created = fan_out(
-                    self._database(), list(events.values()), retry_window_s=self.settings.webhook_retry_window_s
+                    self._database(),
+                    list(events.values()),
+                    retry_window_s=self.settings.webhook_retry_window_s,
+                    lease_s=self.lease_s,
                 )
                 break
             except psycopg.OperationalError as exc:
@@ -171,15 +187,17 @@ class EventFanout:
                 backoff = min(RECONNECT_CAP_S, backoff * 2)
         self._channel.basic_ack(delivery_tag=batch[-1][0], multiple=True)
         if created:
-            log.info("webhooks.deliveries_created", events=len(events), deliveries=created)
-            self.on_created()
+            log.info("webhooks.deliveries_created", events=len(events), deliveries=len(created))
+            self.on_created(created)
 
     def stop(self) -> None:
         self.stopping.set()
 
 
 class WebhookDispatcher:
-    """Claims due deliveries and attempts them, within the global and per-endpoint concurrency limits."""
+    """Attempts deliveries within the global and per-endpoint concurrency limits: first the ones this worker's
+    fan-out just created (handed over in memory, leased to it already), then due ones claimed from PostgreSQL
+    (retries, and what another worker left). Outcomes are recorded in groups, one statement each."""
 
     def __init__(self, settings: Settings, pool: AsyncConnectionPool, sender: WebhookSender) -> None:
         self.settings = settings
@@ -189,10 +207,29 @@ class WebhookDispatcher:
         self.in_flight: dict[UUID, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
+        # Handed over by the fan-out, per endpoint, oldest first; at most `queued_max` each, so that the last of
+        # them is attempted well within its lease even when every attempt takes the whole timeout.
+        self.queued: dict[UUID, deque[Due]] = {}
+        self.queued_max = settings.webhook_endpoint_concurrency * QUEUED_ATTEMPTS_PER_SLOT
+        self.recorder: GroupWriter[Attempted, None] = GroupWriter(self._record, max_group=RECORD_GROUP_MAX, writers=1)
 
     @property
     def busy(self) -> int:
         return sum(self.in_flight.values())
+
+    def hand_off(self, created: list[Due]) -> None:
+        """New deliveries from the fan-out (on the event loop's thread). Beyond an endpoint's share, they are
+        released to the claim path instead, which takes them in their turn."""
+        spilled: list[UUID] = []
+        for due in created:
+            waiting = self.queued.setdefault(due.endpoint_id, deque())
+            if len(waiting) >= self.queued_max:
+                spilled.append(due.id)
+            else:
+                waiting.append(due)
+        if spilled:
+            self._spawn(self._release(spilled))
+        self.wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         listener = asyncio.create_task(self._listen(stop))
@@ -201,11 +238,13 @@ class WebhookDispatcher:
         try:
             while not stop.is_set():
                 self.wake.clear()
+                self._start_queued()
                 free = self.settings.webhook_concurrency - self.busy
                 claimed: list[Due] = []
                 if free > 0:
                     per_endpoint = self.settings.webhook_endpoint_concurrency
-                    full = [e for e, n in self.in_flight.items() if n >= per_endpoint]
+                    # Endpoints with no room, or with deliveries of their own waiting here, are not claimed for.
+                    full = [e for e, n in self.in_flight.items() if n >= per_endpoint] + list(self.queued)
                     room = {e: per_endpoint - n for e, n in self.in_flight.items() if n < per_endpoint}
                     try:
                         claimed = await claim_due(
@@ -233,14 +272,40 @@ class WebhookDispatcher:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+            left = [due.id for waiting in self.queued.values() for due in waiting]
+            self.queued.clear()
+            if left:  # not attempted here: due for whoever claims next, not after the lease
+                self._spawn(self._release(left))
             if self.tasks:
                 await asyncio.wait(self.tasks, timeout=self.settings.webhook_timeout_s + 5)
+            await self.recorder.close()
+
+    def _start_queued(self) -> None:
+        """Start the handed-over deliveries there is room for, oldest first per endpoint."""
+        per_endpoint = self.settings.webhook_endpoint_concurrency
+        for endpoint_id in list(self.queued):
+            waiting = self.queued[endpoint_id]
+            while waiting and self.busy < self.settings.webhook_concurrency:
+                if self.in_flight.get(endpoint_id, 0) >= per_endpoint:
+                    break
+                self._start(waiting.popleft())
+            if not waiting:
+                del self.queued[endpoint_id]
 
     def _start(self, due: Due) -> None:
         self.in_flight[due.endpoint_id] = self.in_flight.get(due.endpoint_id, 0) + 1
-        task = asyncio.create_task(self._attempt(due))
+        self._spawn(self._attempt(due))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _release(self, delivery_ids: list[UUID]) -> None:
+        try:
+            await release(self.pool, delivery_ids)
+        except psycopg.Error as exc:  # their lease runs out instead: attempted a minute later
+            log.warning("webhooks.release_failed", deliveries=len(delivery_ids), error=type(exc).__name__)
 
     async def _attempt(self, due: Due) -> None:
         try:
@@ -266,16 +331,7 @@ class WebhookDispatcher:
                 outcome=step.status,
                 next_attempt_at=step.next_attempt_at.isoformat() if step.next_attempt_at else None,
             )
-            for wait_s in (0.2, 1.0, 5.0, None):
-                try:
-                    await record_attempt(self.pool, due, result, step, attempted_at)
-                    break
-                except psycopg.Error as exc:
-                    # Not recorded: the lease runs out and the delivery is attempted again (at least once).
-                    log.warning("webhooks.record_failed", delivery_id=str(due.id), error=type(exc).__name__)
-                    if wait_s is None:
-                        break
-                    await asyncio.sleep(wait_s)
+            await self.recorder.submit(Attempted(due, result, step, attempted_at))
         except Exception:
             log.exception("webhooks.attempt_crashed", delivery_id=str(due.id))
         finally:
@@ -285,6 +341,19 @@ class WebhookDispatcher:
             else:
                 self.in_flight.pop(due.endpoint_id, None)
             self.wake.set()
+
+    async def _record(self, attempts: Sequence[Attempted]) -> list[BaseException | None]:
+        for wait_s in (0.2, 1.0, 5.0, None):
+            try:
+                await record_attempts(self.pool, attempts)
+                break
+            except psycopg.Error as exc:
+                # Not recorded: the leases run out and the deliveries are attempted again (at least once).
+                log.warning("webhooks.record_failed", deliveries=len(attempts), error=type(exc).__name__)
+                if wait_s is None:
+                    break
+                await asyncio.sleep(wait_s)
+        return [None] * len(attempts)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """Wake on NOTIFY (deliveries created by another worker's fan-out, or resent by a tenant)."""
@@ -313,7 +382,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     dispatcher = WebhookDispatcher(settings, pool, sender)
     loop = asyncio.get_running_loop()
-    fanout = EventFanout(settings, on_created=lambda: loop.call_soon_threadsafe(dispatcher.wake.set))
+    fanout = EventFanout(
+        settings,
+        lease_s=dispatcher.lease_s,
+        on_created=lambda created: loop.call_soon_threadsafe(dispatcher.hand_off, created),
+    )
     thread = threading.Thread(target=fanout.run, name="webhook-fanout", daemon=True)
     thread.start()
     try:

@@ -24,19 +24,28 @@ NOTIFY_CHANNEL = "cleanledger_webhooks"  # new or resent deliveries are due: wak
 # One statement per batch of events: a delivery for each live endpoint of the event's tenant subscribed to its
 # type ('*', the type itself, or its family 'transaction.*'). An event seen again (redelivered by RabbitMQ,
 # republished by the relay) meets the unique (endpoint, event) and adds nothing. Administrative events
-# (ADMIN_EVENT_PREFIX) are for the audit trail alone: no endpoint gets them, '*' included.
+# (ADMIN_EVENT_PREFIX) are for the audit trail alone: no endpoint gets them, '*' included. A new delivery is
+# leased from the start to the worker that creates it, which attempts it without claiming it first; returned
+# with what its attempt needs.
 FAN_OUT = (
     "WITH inserted AS ("
-    " INSERT INTO webhook_deliveries (id, endpoint_id, tenant_id, event_id, event_type, payload, expires_at)"
-    " SELECT gen_random_uuid(), e.id, ev.tn, ev.i, ev.t, ev.p, now() + make_interval(secs => %s)"
-    " FROM json_to_recordset(%s::json) AS ev(i uuid, t text, tn text, p jsonb)"
+    " INSERT INTO webhook_deliveries"
+    "  (id, endpoint_id, tenant_id, event_id, event_type, payload, expires_at, next_attempt_at)"
+    " SELECT gen_random_uuid(), e.id, ev.tn, ev.i, ev.t, ev.p, now() + make_interval(secs => %(window)s),"
+    "  now() + make_interval(secs => %(lease)s)"
+    " FROM json_to_recordset(%(events)s::json) AS ev(i uuid, t text, tn text, p jsonb)"
     " JOIN webhook_endpoints e ON e.tenant_id = ev.tn AND e.deleted_at IS NULL"
     f"  AND NOT starts_with(ev.t, '{ADMIN_EVENT_PREFIX}')"
     "  AND EXISTS (SELECT 1 FROM unnest(e.event_types) AS w(t)"
     "   WHERE w.t = '*' OR w.t = ev.t OR (right(w.t, 2) = '.*' AND starts_with(ev.t, left(w.t, -1))))"
-    " ON CONFLICT (endpoint_id, event_id) DO NOTHING RETURNING 1)"
-    " SELECT count(*) FROM inserted"
+    " ON CONFLICT (endpoint_id, event_id) DO NOTHING"
+    " RETURNING id, endpoint_id, event_type, payload, attempts, expires_at)"
+    " SELECT i.id, i.endpoint_id, i.event_type, i.payload::text, i.attempts, i.expires_at, e.url, e.secret"
+    " FROM inserted i JOIN webhook_endpoints e ON e.id = i.endpoint_id"
 )
+# Leased deliveries the worker will not attempt itself after all (too many queued for one endpoint, or it is
+# stopping): due now, for any worker's claim.
+RELEASE = "UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = ANY(%s) AND status = 'pending'"
 
 # Due deliveries not locked by another worker, fairly: the endpoints with something due (longest waiting first,
 # those this worker has no room for left out), then at most `per_endpoint` of each. However many deliveries a
@@ -55,15 +64,18 @@ SELECT_DUE = (
 # The claimed ones are leased: not due again until the attempt's outcome is recorded, or the lease runs out
 # (the worker died mid-attempt: another one tries again).
 LEASE = "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => %s) WHERE id = ANY(%s)"
+# Attempts' outcomes, many in one statement: each delivery still pending takes its new state and its attempt joins
+# the history; one no longer pending (its endpoint deleted meanwhile) records nothing. An attempt recorded twice
+# (a retried statement that had committed) meets the unique (delivery, attempt).
 RECORD = (
-    "UPDATE webhook_deliveries SET attempts = %(attempt)s, status = %(status)s,"
-    " next_attempt_at = coalesce(%(next)s, next_attempt_at), last_status = %(code)s, last_error = %(error)s,"
-    " completed_at = CASE WHEN %(status)s = 'pending' THEN NULL ELSE now() END"
-    " WHERE id = %(id)s AND status = 'pending' RETURNING id"
-)
-RECORD_ATTEMPT = (
-    "INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, latency_ms, error)"
-    " VALUES (%(id)s, %(attempt)s, %(at)s, %(code)s, %(latency)s, %(error)s)"
+    "WITH a AS (SELECT * FROM json_to_recordset(%s::json) AS a(id uuid, attempt int, status text, next timestamptz,"
+    "  code int, error text, at timestamptz, latency double precision)),"
+    " updated AS (UPDATE webhook_deliveries d SET attempts = a.attempt, status = a.status,"
+    "  next_attempt_at = coalesce(a.next, d.next_attempt_at), last_status = a.code, last_error = a.error,"
+    "  completed_at = CASE WHEN a.status = 'pending' THEN NULL ELSE now() END"
+    "  FROM a WHERE d.id = a.id AND d.status = 'pending' RETURNING d.id)"
+    " INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, status_code, latency_ms, error)"
+    " SELECT a.id, a.attempt, a.at, a.code, a.latency, a.error FROM a JOIN updated USING (id)"
     " ON CONFLICT (delivery_id, attempt) DO NOTHING"
 )
 
@@ -80,15 +92,15 @@ class Due:
     secret: str
 
 
-def fan_out(conn: Connection[TupleRow], events: Sequence[dict[str, Any]], *, retry_window_s: int) -> int:
-    """Insert the deliveries of `events` (event documents as published) and commit; returns how many."""
+def fan_out(
+    conn: Connection[TupleRow], events: Sequence[dict[str, Any]], *, retry_window_s: int, lease_s: float
+) -> list[Due]:
+    """Insert the deliveries of `events` (event documents as published), leased for `lease_s` seconds, and
+    commit; returns them. NOTIFY wakes the other workers only when some are due for them (none here)."""
     rows = [{"i": e["id"], "t": e["type"], "tn": e["tenant_id"], "p": e} for e in events]
     with conn.transaction():
-        row = conn.execute(FAN_OUT, (retry_window_s, rows_json(rows))).fetchone()
-        created = int(row[0]) if row else 0
-        if created:
-            conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
-    return created
+        params = {"window": retry_window_s, "lease": lease_s, "events": rows_json(rows)}
+        return [Due(*row) for row in conn.execute(FAN_OUT, params).fetchall()]
 
 
 async def open_async_pool(settings: Settings, *, max_size: int) -> AsyncConnectionPool:
@@ -133,27 +145,40 @@ async def claim_due(
     return picked
 
 
-async def record_attempt(
-    pool: AsyncConnectionPool, due: Due, result: AttemptResult, step: NextStep, attempted_at: datetime
-) -> bool:
-    """Store the attempt and the delivery's new state in one transaction; False if the delivery was no longer
-    pending (its endpoint deleted meanwhile)."""
-    params = {
-        "id": due.id,
-        "attempt": due.attempts + 1,
-        "status": step.status,
-        "next": step.next_attempt_at,
-        "code": result.status_code,
-        "error": result.error,
-        "at": attempted_at,
-        "latency": result.latency_ms,
-    }
-    async with pool.connection() as conn, conn.transaction():
-        updated = await (await conn.execute(RECORD, params)).fetchone()
-        if updated is None:
-            return False
-        await conn.execute(RECORD_ATTEMPT, params)
-    return True
+@dataclass(frozen=True, slots=True)
+class Attempted:
+    """One attempt's outcome, to record."""
+
+    due: Due
+    result: AttemptResult
+    step: NextStep
+    attempted_at: datetime
+
+
+async def record_attempts(pool: AsyncConnectionPool, attempts: Sequence[Attempted]) -> None:
+    """Store the attempts and their deliveries' new states, in one statement and one commit."""
+    rows = [
+        {
+            "id": a.due.id,
+            "attempt": a.due.attempts + 1,
+            "status": a.step.status,
+            "next": a.step.next_attempt_at,
+            "code": a.result.status_code,
+            "error": a.result.error,
+            "at": a.attempted_at,
+            "latency": a.result.latency_ms,
+        }
+        for a in attempts
+    ]
+    async with pool.connection() as conn:
+        await conn.execute(RECORD, (rows_json(rows),))  # autocommit: one statement, one commit
+
+
+async def release(pool: AsyncConnectionPool, delivery_ids: Sequence[UUID]) -> None:
+    """Make leased deliveries due now, for any worker to claim."""
+    async with pool.connection() as conn:
+        await conn.execute(RELEASE, (list(delivery_ids),))
+        await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
 
 async def listen(settings: Settings) -> AsyncConnection[TupleRow]:
