@@ -6,16 +6,16 @@ the event's tenant subscribed to its type; only then is the batch acknowledged (
 twice meets the unique (endpoint, event) and adds nothing, so at-least-once events give exactly one delivery.
 
 Delivery (the asyncio event loop, psycopg's async pool, aiohttp): a new delivery is leased to the worker that
-created it, and handed to its delivery loop in memory, so a first attempt costs no claim; due deliveries
-(retries, released or expired leases) are claimed with `FOR UPDATE SKIP LOCKED` and leased, so several workers
-share the work without sending one twice. Each attempt is signed, sent with a timeout
-(`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded with its status, latency and error, the outcomes of the
-attempts that end together in one statement. A non-2xx answer, a timeout or a connection error is retried after a capped exponential backoff with
-full jitter until the delivery's retry window (`CLEANLEDGER_WEBHOOK_RETRY_WINDOW_S`) is spent; then it is
-marked failed and kept. At most `CLEANLEDGER_WEBHOOK_CONCURRENCY` attempts are in flight, and at most
-`CLEANLEDGER_WEBHOOK_ENDPOINT_CONCURRENCY` to any one endpoint: a claim skips endpoints that have no room, so
-a slow or dead receiver holds a few slots of its own and never the others' deliveries. Postings never wait on
-any of this: they only stage events in the outbox.
+created it and handed to its delivery loop in memory, so a first attempt costs no claim (the leases of those
+still waiting are renewed in one statement every LEASE_RENEW_S). Due deliveries (retries, released or expired
+leases) are claimed with `FOR UPDATE SKIP LOCKED` and leased, so several workers share the work without
+sending one twice. Each attempt is signed, sent with a timeout (`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded
+with its status, latency and error; the outcomes of attempts that end together are recorded in one statement.
+A non-2xx answer, a timeout or a connection error is retried after a capped exponential backoff with full
+jitter until the delivery's retry window (`CLEANLEDGER_WEBHOOK_RETRY_WINDOW_S`) is spent; then it is marked
+failed and kept. At most `CLEANLEDGER_WEBHOOK_CONCURRENCY` attempts are in flight, and at most
+`CLEANLEDGER_WEBHOOK_ENDPOINT_CONCURRENCY` to any one endpoint: a slow or dead receiver holds a few slots of its
+own and never the others' deliveries. Postings never wait on any of this: they only stage events in the outbox.
 
 SIGTERM/SIGINT: stop taking work, let the attempts in flight finish (or their leases run out), exit 0.
 """
@@ -54,6 +54,7 @@ from core.adapters.postgres.webhook_worker import (
     open_async_pool,
     record_attempts,
     release,
+    renew_leases,
 )
 from core.adapters.rabbitmq.connection import connection_parameters
 from core.adapters.rabbitmq.events import declare_subscriber_queue
@@ -70,9 +71,10 @@ IDLE_POLL_S = 0.5  # how often an idle fan-out looks at its stop flag, seconds
 RECONNECT_FIRST_S = 0.2
 RECONNECT_CAP_S = 5.0
 LEASE_MARGIN_S = 60.0  # a claimed delivery is due again this long after its attempt's timeout (worker died)
-# Deliveries handed over by the fan-out that may wait here per endpoint, per slot of its concurrency: with every
-# attempt taking the whole timeout (5 s), the last one starts within 8 timeouts, well inside its lease.
-QUEUED_ATTEMPTS_PER_SLOT = 8
+# Deliveries handed over by the fan-out that may wait here, all endpoints together; beyond it they are released
+# to the claim path. Their leases are renewed while they wait, every LEASE_RENEW_S seconds.
+QUEUED_MAX = 50_000
+LEASE_RENEW_S = 20.0
 RECORD_GROUP_MAX = 256  # attempts' outcomes recorded in one statement at most
 
 
@@ -207,10 +209,9 @@ class WebhookDispatcher:
         self.in_flight: dict[UUID, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
-        # Handed over by the fan-out, per endpoint, oldest first; at most `queued_max` each, so that the last of
-        # them is attempted well within its lease even when every attempt takes the whole timeout.
-        self.queued: dict[UUID, deque[Due]] = {}
-        self.queued_max = settings.webhook_endpoint_concurrency * QUEUED_ATTEMPTS_PER_SLOT
+        # Handed over by the fan-out, per endpoint, oldest first, with when their lease runs out.
+        self.queued: dict[UUID, deque[tuple[Due, float]]] = {}
+        self.queued_count = 0
         self.recorder: GroupWriter[Attempted, None] = GroupWriter(self._record, max_group=RECORD_GROUP_MAX, writers=1)
 
     @property
@@ -218,15 +219,16 @@ class WebhookDispatcher:
         return sum(self.in_flight.values())
 
     def hand_off(self, created: list[Due]) -> None:
-        """New deliveries from the fan-out (on the event loop's thread). Beyond an endpoint's share, they are
-        released to the claim path instead, which takes them in their turn."""
+        """New deliveries from the fan-out (on the event loop's thread), leased to this worker: attempted here in
+        their turn. Beyond QUEUED_MAX waiting, they are released to the claim path instead."""
         spilled: list[UUID] = []
+        lease_ends = time.monotonic() + self.lease_s
         for due in created:
-            waiting = self.queued.setdefault(due.endpoint_id, deque())
-            if len(waiting) >= self.queued_max:
+            if self.queued_count >= QUEUED_MAX:
                 spilled.append(due.id)
-            else:
-                waiting.append(due)
+                continue
+            self.queued.setdefault(due.endpoint_id, deque()).append((due, lease_ends))
+            self.queued_count += 1
         if spilled:
             self._spawn(self._release(spilled))
         self.wake.set()
@@ -235,10 +237,14 @@ class WebhookDispatcher:
         listener = asyncio.create_task(self._listen(stop))
         backoff = RECONNECT_FIRST_S
         log.info("webhooks.delivering", concurrency=self.settings.webhook_concurrency)
+        renewed_at = time.monotonic()
         try:
             while not stop.is_set():
                 self.wake.clear()
                 self._start_queued()
+                if self.queued and time.monotonic() - renewed_at > LEASE_RENEW_S:
+                    renewed_at = time.monotonic()
+                    await self._renew_leases()
                 free = self.settings.webhook_concurrency - self.busy
                 claimed: list[Due] = []
                 if free > 0:
@@ -272,8 +278,9 @@ class WebhookDispatcher:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-            left = [due.id for waiting in self.queued.values() for due in waiting]
+            left = [due.id for waiting in self.queued.values() for due, _ in waiting]
             self.queued.clear()
+            self.queued_count = 0
             if left:  # not attempted here: due for whoever claims next, not after the lease
                 self._spawn(self._release(left))
             if self.tasks:
@@ -288,9 +295,25 @@ class WebhookDispatcher:
             while waiting and self.busy < self.settings.webhook_concurrency:
                 if self.in_flight.get(endpoint_id, 0) >= per_endpoint:
                     break
-                self._start(waiting.popleft())
+                due, lease_ends = waiting.popleft()
+                self.queued_count -= 1
+                if lease_ends - time.monotonic() > self.settings.webhook_timeout_s:
+                    self._start(due)
+                # else its lease ends before the attempt could: the claim path has it, or soon will
             if not waiting:
                 del self.queued[endpoint_id]
+
+    async def _renew_leases(self) -> None:
+        """Extend the leases of the deliveries waiting here (one statement), so no other worker takes them."""
+        waiting = [due.id for queue in self.queued.values() for due, _ in queue]
+        try:
+            await renew_leases(self.pool, waiting, lease_s=self.lease_s)
+        except psycopg.Error as exc:
+            log.warning("webhooks.renew_failed", deliveries=len(waiting), error=type(exc).__name__)
+            return
+        lease_ends = time.monotonic() + self.lease_s
+        for endpoint_id, queue in self.queued.items():
+            self.queued[endpoint_id] = deque((due, lease_ends) for due, _ in queue)
 
     def _start(self, due: Due) -> None:
         self.in_flight[due.endpoint_id] = self.in_flight.get(due.endpoint_id, 0) + 1

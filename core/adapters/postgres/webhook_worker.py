@@ -174,6 +174,12 @@ async def record_attempts(pool: AsyncConnectionPool, attempts: Sequence[Attempte
         await conn.execute(RECORD, (rows_json(rows),))  # autocommit: one statement, one commit
 
 
+async def renew_leases(pool: AsyncConnectionPool, delivery_ids: Sequence[UUID], *, lease_s: float) -> None:
+    """Extend the leases of deliveries still pending, by `lease_s` seconds from now."""
+    async with pool.connection() as conn:
+        await conn.execute(LEASE, (lease_s, list(delivery_ids)))
+
+
 async def release(pool: AsyncConnectionPool, delivery_ids: Sequence[UUID]) -> None:
     """Make leased deliveries due now, for any worker to claim."""
     async with pool.connection() as conn:
