@@ -58,6 +58,7 @@ class Ingress:
     revocations: RevocationListener = field(init=False)
     readiness: Readiness = field(init=False)  # GET /readyz
     audit: AuditReader = field(init=False)  # GET /v1/operations/{id}/audit
+    openapi: bytes | None = None  # GET /v1/openapi.json, generated on its first request
     trail: RequestTrail | None = field(init=False)  # every mutating request, answered (None: audit_requests off)
     # Parsed from settings.trusted_proxies once, so a malformed setting fails at start, not per request.
     trusted_proxies: tuple[IPNetwork, ...] = field(init=False)

@@ -36,6 +36,7 @@ from core.domain.errors import (
 )
 from core.domain.secrets import redact, redact_headers
 from ingress.context import INGRESS, IPNetwork
+from ingress.openapi import OPENAPI_PATH
 
 log = structlog.get_logger("ingress")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -365,7 +366,7 @@ async def shared_look_up(request: web.Request, digest: str, secret: str) -> ApiK
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """`/v1` needs `Authorization: Bearer <api key>`; each key then spends from its rate-limit bucket."""
-    if not request.path.startswith("/v1/") and request.path != "/v1":
+    if (not request.path.startswith("/v1/") and request.path != "/v1") or request.path == OPENAPI_PATH:
         return await handler(request)
     scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import mimetypes
 import re
 from datetime import UTC, datetime
+from importlib.metadata import version as package_version
 from typing import Any
 from uuid import UUID
 
@@ -42,6 +45,7 @@ from core.domain.errors import (
     AccountNotFound,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
+    NotFound,
     OperationNotFound,
     RequestInvalid,
     RequestTimeout,
@@ -49,6 +53,7 @@ from core.domain.errors import (
     TransactionNotFound,
     UnsupportedMediaType,
 )
+from ingress import openapi
 from ingress.context import INGRESS, Ingress
 from ingress.middleware import RAW_BODY, TENANT
 from ingress.schemas import (
@@ -71,6 +76,7 @@ log = structlog.get_logger("ingress")
 PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+)", re.IGNORECASE)
 # Content-Encodings the ingress decodes (aiohttp does, as the body is read); any other is refused with 415.
 BODY_ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
+ASSET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")  # a file of the docs page's assets, no path
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -579,3 +585,41 @@ async def ready(request: web.Request) -> web.Response:
         down = ", ".join(name for name, state in checks.items() if state == "unreachable")
         raise ServiceUnavailable(f"not ready: {down} unreachable", retry_after=1, checks=checks)
     return web.json_response({"status": "ready", "checks": checks})
+
+
+# --- the API described: OpenAPI, its docs page, the problem pages -------------------------------------------
+@routes.get(openapi.OPENAPI_PATH)
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document, generated from the routes and their models (no API key needed)."""
+    ingress = request.app[INGRESS]
+    if ingress.openapi is None:
+        ingress.openapi = json.dumps(openapi.document(routes, version=package_version("cleanledger"))).encode()
+    return web.Response(body=ingress.openapi, content_type="application/json")
+
+
+@routes.get(openapi.DOCS_PATH)
+async def get_docs(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.docs_page(), content_type="text/html")
+
+
+@routes.get(openapi.DOCS_PATH + "/assets/{name}")
+async def get_docs_asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    asset = openapi.SWAGGER_ASSETS / name
+    if not ASSET_NAME.fullmatch(name) or not asset.is_file():
+        raise NotFound("no such asset")
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return web.Response(body=asset.read_bytes(), content_type=content_type)
+
+
+@routes.get(openapi.PROBLEMS_PATH)
+async def get_problems(request: web.Request) -> web.Response:
+    return web.Response(text=openapi.problems_index(), content_type="text/html")
+
+
+@routes.get(openapi.PROBLEMS_PATH + "{code}")
+async def get_problem(request: web.Request) -> web.Response:
+    page = openapi.problem_page(request.match_info["code"])
+    if page is None:
+        raise NotFound("no problem has this code")
+    return web.Response(text=page, content_type="text/html")

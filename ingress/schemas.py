@@ -10,8 +10,8 @@ from multidict import MultiMapping
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from core.application.requests import validation_problem
-from core.domain.errors import RequestInvalid
-from core.domain.model import MAX_METADATA_KEYS
+from core.domain.errors import MetadataInvalid, RequestInvalid
+from core.domain.model import MAX_METADATA_KEYS, validate_metadata
 
 
 class EntriesQuery(BaseModel):
@@ -73,6 +73,10 @@ def query_with_metadata(model: type[M], query: MultiMapping[str]) -> tuple[M, tu
         target[key] = value
     if len(metadata) > MAX_METADATA_KEYS:
         raise RequestInvalid(f"at most {MAX_METADATA_KEYS} metadata filters")
+    try:  # what metadata cannot hold (a NUL, a lone surrogate, a key too long) no filter can match
+        validate_metadata(metadata)
+    except MetadataInvalid as exc:
+        raise RequestInvalid(f"metadata filters: {exc.detail}") from None
     return parse_model(model, plain), tuple(sorted(metadata.items()))
 
 
@@ -111,7 +115,8 @@ class EventsQuery(BaseModel):
 
     limit: int = Field(100, ge=1, le=1000)
     cursor: str | None = Field(None, max_length=200)
-    type: str | None = Field(None, max_length=1000)  # one event type, or several separated by commas
+    # One event type, or several separated by commas: dotted lower-case names.
+    type: str | None = Field(None, max_length=1000, pattern=r"^[a-z0-9_.,\s]*$")
     since: AwareDatetime | None = None  # inclusive, on occurred_at
     until: AwareDatetime | None = None  # exclusive
 

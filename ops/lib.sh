@@ -57,3 +57,12 @@ ensure_nginx() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
     fi
 }
+
+ensure_chromium() {
+    # Headless Chromium loads the /docs page in the suite (every route must show there).
+    if ! command -v chromium >/dev/null; then
+        echo "installing chromium (headless, for the /docs page test)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+}

@@ -405,7 +405,9 @@ def test_api_keys_created_and_revoked_are_audited_for_the_trail_alone(
     with psycopg.connect(audited.database_url) as conn:
         assert fan_out(conn, documents, retry_window_s=60, lease_s=60) == []
         account_event = {"id": str(uuid.uuid4()), "type": "account.created", "tenant_id": tenant, "data": {}}
-        assert len(fan_out(conn, [account_event], retry_window_s=60, lease_s=60)) == 1  # the same endpoint gets the others
+        assert (
+            len(fan_out(conn, [account_event], retry_window_s=60, lease_s=60)) == 1
+        )  # the same endpoint gets the others
 
 
 def received(n: int, tenant: str) -> ReceivedRequest:
