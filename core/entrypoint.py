@@ -7,6 +7,7 @@ import argparse
 from collections.abc import Sequence
 from importlib.metadata import version
 
+from core.adapters.metrics import serve_metrics
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 
@@ -22,9 +23,26 @@ def parser_for(program: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_metrics_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default: not served)",
+    )
+
+
+def serve_metrics_if_asked(args: argparse.Namespace) -> None:
+    if args.metrics_port:
+        serve_metrics(args.metrics_port)
+
+
 def start(program: str, description: str, argv: Sequence[str] | None = None) -> Settings:
-    """Parse the command line (which takes no options beyond --help and --version), then settings and logs."""
-    parser_for(program, description).parse_args(argv)
+    """Parse the command line (--help, --version, --metrics-port), then settings and logs; serve the metrics."""
+    parser = parser_for(program, description)
+    add_metrics_option(parser)
+    args = parser.parse_args(argv)
     settings = settings_or_exit(program)
     configure_logging(level=settings.log_level, json=settings.log_json)
+    serve_metrics_if_asked(args)
     return settings

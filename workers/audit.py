@@ -28,6 +28,7 @@ import pika.exceptions
 import structlog
 from pymongo.errors import BulkWriteError
 
+from core.adapters.metrics import AUDIT_RECORDS_WRITTEN
 from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
 from core.adapters.rabbitmq.events import POSITION_HEADER
 from core.adapters.rabbitmq.trail import REQUEST_RECORDS_TYPE
@@ -164,6 +165,7 @@ class AuditWorker:
         while True:
             try:
                 written = self.store.write([record for _, record in records])
+                AUDIT_RECORDS_WRITTEN.inc(written)
                 log.info("audit.written", group=len(records), new=written)
                 return set()
             except AuditUnavailable as exc:

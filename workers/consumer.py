@@ -32,6 +32,14 @@ from typing import Any
 import pika.exceptions
 import structlog
 
+from core.adapters.metrics import (
+    COMMANDS_GIVEN_UP,
+    COMMANDS_RETRIED,
+    GROUP_COMMANDS,
+    GROUP_SECONDS,
+    OPERATIONS_SETTLED,
+    watch_retries,
+)
 from core.adapters.postgres.api_keys import find_api_keys
 from core.adapters.rabbitmq.commands import (
     ReplyTo,
@@ -173,10 +181,13 @@ class CommandWorker:
         parsed = self._parse(group, verdicts)
         started = time.perf_counter()
         outcomes = self.ledger.settle_group([p.submission for p in parsed])
+        GROUP_SECONDS.observe(time.perf_counter() - started)
+        GROUP_COMMANDS.observe(len(parsed))
         for p, outcome in zip(parsed, outcomes, strict=True):
             tenant = p.submission.command.tenant_id
             if isinstance(outcome, Unsettled) and p.retries < self.settings.worker_max_retries:
                 verdicts.retry.append((retry_message(p.document), p.retries + 1))
+                COMMANDS_RETRIED.inc()
                 continue
             if isinstance(outcome, Unsettled):
                 if p.batched:  # the others of its message settled: keep this one alone in the dead letters
@@ -191,6 +202,7 @@ class CommandWorker:
                     log.exception("operation.give_up_failed", operation_id=str(p.submission.operation_id))
                     continue
             if isinstance(outcome, OperationResult):
+                OPERATIONS_SETTLED.labels(str(outcome.status)).inc()
                 verdicts.announce.append((tenant, outcome))
                 if p.reply is not None:
                     verdicts.replies.append((p.reply, operation_json(outcome), False))
@@ -250,6 +262,7 @@ class CommandWorker:
         return parsed
 
     def _give_up(self, submission: Submission, retries: int) -> OperationResult:
+        COMMANDS_GIVEN_UP.inc()
         error = ProcessingFailed(f"gave up after {retries} retries", retries=retries)
         failed = self.ledger.give_up(
             submission.command,
@@ -263,9 +276,9 @@ class CommandWorker:
 
 def build(settings: Settings) -> CommandWorker:
     """The worker's adapters, built once per process by the composition root."""
-    return CommandWorker(
-        bootstrap(settings, pool_size=2), command_consumer(settings), settlement_publisher(settings), settings=settings
-    )
+    ledger = bootstrap(settings, pool_size=2)
+    watch_retries(ledger.retry.counter)
+    return CommandWorker(ledger, command_consumer(settings), settlement_publisher(settings), settings=settings)
 
 
 def main() -> None:

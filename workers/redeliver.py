@@ -17,9 +17,10 @@ from types import FrameType
 import structlog
 from psycopg_pool import ConnectionPool
 
+from core.adapters.metrics import DEAD_LETTERS, OPERATIONS_REQUEUED, PENDING_OLDEST_SECONDS
 from core.adapters.postgres.db import open_pool
-from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in
-from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher
+from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in, oldest_pending_age_s
+from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher, dead_letter_queue, queue_depths
 from core.application.commands import command_from_json
 from core.bootstrap import redelivery_publisher
 from core.domain.errors import LedgerError
@@ -58,6 +59,8 @@ class RedeliverySweeper:
                 mark_enqueued_in(conn, operation_id)
                 log.info("redeliver.published", operation_id=str(operation_id))
                 published += 1
+            PENDING_OLDEST_SECONDS.set(oldest_pending_age_s(conn))
+        OPERATIONS_REQUEUED.inc(published)
         return published
 
 
@@ -78,11 +81,14 @@ def main() -> None:
     )
     interval_s = max(1.0, settings.redeliver_after_s / 4)  # seconds between sweeps
     log.info("redeliver.started", interval_s=interval_s)
+    dead_letter_queues = [dead_letter_queue(q) for q in (settings.command_queue, settings.request_queue)]
     while not stop.is_set():
         try:
             sweeper.run_once()
         except Exception:
             log.exception("redeliver.sweep_failed")
+        for queue, depth in queue_depths(settings.amqp_url, dead_letter_queues).items():
+            DEAD_LETTERS.labels(queue).set(depth)
         stop.wait(interval_s)
     pool.close()
 

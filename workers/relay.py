@@ -36,10 +36,11 @@ import structlog
 from psycopg import Connection
 from psycopg.rows import TupleRow
 
+from core.adapters.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
 from core.adapters.postgres.db import connect
 from core.adapters.rabbitmq.events import EventPublisher, PublishError
 from core.application.ports import Event
-from core.entrypoint import parser_for
+from core.entrypoint import add_metrics_option, parser_for, serve_metrics_if_asked
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 
@@ -52,6 +53,8 @@ SELECT_BATCH = (
     " WHERE published_at IS NULL ORDER BY position LIMIT %s FOR UPDATE SKIP LOCKED"
 )
 MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE position = ANY(%s)"
+COUNT_UNPUBLISHED = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+BACKLOG_COUNT_INTERVAL_S = 5.0  # how often the relay counts the unpublished events for its metric, seconds
 # Oldest positions first, along the primary key. The boundary is the first row that must stay (unpublished, or
 # published within the retention): every row below it may go. Both scans start at the table's low end, where
 # earlier prunes left nothing, so they read only what they return however long the outbox is; an old row
@@ -140,8 +143,16 @@ class OutboxRelay:
             if conn.broken or conn.closed:
                 self._close_db()
             raise
+        OUTBOX_PUBLISHED.inc(len(rows))
         log.info("outbox.published", count=len(rows), first_position=rows[0][0], last_position=rows[-1][0])
         return len(rows)
+
+    def count_backlog(self) -> None:
+        """How many events wait unpublished, for the metric (an index-only count of the unpublished rows)."""
+        conn = self._db()
+        with conn.transaction():
+            row = conn.execute(COUNT_UNPUBLISHED).fetchone()
+        OUTBOX_BACKLOG.set(int(row[0]) if row else 0)
 
     def prune(self) -> int:
         """Delete events published more than `settings.outbox_retention_s` ago; returns how many."""
@@ -180,13 +191,16 @@ class OutboxRelay:
         log.info("relay.started", batch_size=self.batch_size, poll_interval=self.poll_interval)
         backoff = 0.0
         failures = 0
-        next_prune = time.monotonic()
+        next_prune = next_count = time.monotonic()
         try:
             while not stop.is_set():
                 try:
                     if time.monotonic() >= next_prune:
                         next_prune = time.monotonic() + PRUNE_INTERVAL
                         self.prune()
+                    if time.monotonic() >= next_count:
+                        next_count = time.monotonic() + BACKLOG_COUNT_INTERVAL_S
+                        self.count_backlog()
                     # LISTEN before reading the table, so no commit falls between the read and the wait.
                     self._listen()
                     published = self.run_once()
@@ -276,9 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-backoff", type=float, default=30.0, help="seconds, cap of the retry backoff (default 30)"
     )
+    add_metrics_option(parser)
     args = parser.parse_args(argv)
     settings = settings_or_exit("relay")
     configure_logging(level=settings.log_level, json=settings.log_json)
+    serve_metrics_if_asked(args)
 
     stop = threading.Event()
 

@@ -44,6 +44,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from core.adapters.http.webhooks import Outgoing, WebhookSender
+from core.adapters.metrics import WEBHOOK_ATTEMPT_SECONDS, WEBHOOK_ATTEMPTS
 from core.adapters.postgres.db import connect
 from core.adapters.postgres.webhook_worker import (
     Attempted,
@@ -342,6 +343,8 @@ class WebhookDispatcher:
                 base_s=self.settings.webhook_backoff_min_s,
                 cap_s=self.settings.webhook_backoff_max_s,
             )
+            WEBHOOK_ATTEMPTS.labels("retry" if step.status == "pending" else step.status).inc()
+            WEBHOOK_ATTEMPT_SECONDS.observe(result.latency_ms / 1000)
             log.info(
                 "webhooks.attempt",
                 delivery_id=str(due.id),

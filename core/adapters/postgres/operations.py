@@ -81,3 +81,12 @@ def lock_stale_pending(conn: Connection[TupleRow], *, older_than_s: float, limit
 def mark_enqueued_in(conn: Connection[TupleRow], operation_id: UUID) -> None:
     """Record, in the sweeper's transaction, that it queued the operation's command again."""
     conn.execute("UPDATE operations SET last_enqueued_at = now() WHERE id = %s", (operation_id,))
+
+
+def oldest_pending_age_s(conn: Connection[TupleRow]) -> float:
+    """Seconds since the oldest operation still pending was accepted (0.0: none pending); the partial index of
+    pending keys answers it with one entry."""
+    row = conn.execute(
+        "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0) FROM idempotency_keys WHERE status = 'pending'"
+    ).fetchone()
+    return float(row[0]) if row else 0.0
