@@ -4,14 +4,16 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
 ensure_venv() {
-    # Installs the project and its dev tools into .venv; re-installs only when pyproject.toml changed.
+    # Installs the project and its dev tools into .venv from requirements-dev.lock (every dependency pinned with
+    # its hashes: pip refuses anything else), then the project itself without dependencies; again only when the
+    # lock or pyproject.toml changed. ops/lock writes the lock files.
     if [ ! -x "$PY" ]; then
         python3 -m venv "$VENV"
     fi
-    local stamp="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+    local stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-dev.lock" | sha256sum | cut -c1-16)"
     if [ ! -f "$stamp" ]; then
-        "$PY" -m pip install --quiet --upgrade pip
-        "$PY" -m pip install --quiet -e "$ROOT[dev]"
+        "$PY" -m pip install --quiet --require-hashes -r "$ROOT/requirements-dev.lock"
+        "$PY" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT"
         rm -f "$VENV"/.installed-*
         touch "$stamp"
     fi
