@@ -32,23 +32,10 @@ wait_for_port() {
 }
 
 ensure_services() {
-    if ! port_answers 5432; then
-        echo "starting PostgreSQL"
-        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start
-        wait_for_port 5432 PostgreSQL
-    fi
-    if ! port_answers 6379; then
-        echo "starting Redis"
-        mkdir -p /var/lib/redis /var/log/redis
-        redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
-            --dir /var/lib/redis --logfile /var/log/redis/ci.log
-        wait_for_port 6379 Redis
-    fi
-    if ! port_answers 5672; then
-        echo "starting RabbitMQ"
-        rabbitmq-server -detached
-        wait_for_port 5672 RabbitMQ
-    fi
+    # PostgreSQL, Redis and RabbitMQ answering, and CLEANLEDGER_*_URL exported for them: see ops/services.
+    local exports
+    exports=$("$ROOT/ops/services" start)
+    eval "$exports"
 }
 
 ensure_nginx() {

@@ -8,9 +8,14 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
+
 from core.settings import Settings
 
-LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The server ops/services found or started (CLEANLEDGER_DATABASE_URL), its maintenance database.
+LOCAL_POSTGRES = psycopg.conninfo.make_conninfo(
+    os.environ.get("CLEANLEDGER_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/cleanledger"), dbname="postgres"
+)
 
 
 def docker_answers() -> bool:

@@ -35,7 +35,9 @@ from core.adapters.redis import rate_limit as rate_limit_module
 from core.adapters.redis import waiter as waiter_module
 from core.adapters.redis.keys import SETTLED_CHANNEL, idempotency_key, rate_limit_key, result_key
 
-REDIS_URL = os.environ.get("CLEANLEDGER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get(
+    "CLEANLEDGER_TEST_REDIS_URL", os.environ.get("CLEANLEDGER_REDIS_URL", "redis://127.0.0.1:6379/0")
+)
 CLOSED_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: connections are refused at once
 LEDGER = str(uuid.uuid4())  # a ledger_instance id of this run's own
 

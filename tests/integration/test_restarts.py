@@ -17,7 +17,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -27,7 +26,7 @@ from core.adapters.postgres.verify import verify
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from tests.helpers import balance, open_account
-from tests.processes import ManagedProcess, free_port, ingress_command, wait_for_port, worker_command
+from tests.processes import ROOT, ManagedProcess, free_port, ingress_command, worker_command
 
 CLIENTS = 6
 ACCOUNTS = 20
@@ -35,36 +34,22 @@ ACCOUNTS = 20
 REQUEST_DEADLINE_S = 90.0
 
 
+def restart(service: str) -> None:
+    """Restart one of the services, wherever ops/services found or started it."""
+    subprocess.run([str(ROOT / "ops" / "services"), "restart", service], check=True, capture_output=True, timeout=180)
+
+
 def restart_rabbitmq() -> None:
     # Stops the broker application (every connection drops, queues recover from disk), then starts it again.
-    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
-    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
-    wait_for_port(5672, 60)
+    restart("rabbitmq")
 
 
 def restart_redis() -> None:
-    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], capture_output=True, timeout=30)
-    Path("/var/lib/redis").mkdir(parents=True, exist_ok=True)
-    Path("/var/log/redis").mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
-         "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
-    wait_for_port(6379, 30)
+    restart("redis")
 
 
 def restart_postgres() -> None:
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[0]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    wait_for_port(5432, 60)
+    restart("postgres")
 
 
 @pytest.fixture
@@ -72,8 +57,8 @@ def node(service_env: dict[str, str]) -> Iterator[int]:
     """One ingress node, two workers and the redelivery sweeper, as separate OS processes: the Procfile's
     roles. The sweeper republishes what an ingress recorded but could not publish while RabbitMQ was down
     (after 5 s here instead of 120)."""
-    if not (shutil.which("rabbitmqctl") and shutil.which("redis-server") and shutil.which("pg_ctlcluster")):
-        pytest.fail("this test restarts the machine's own services: rabbitmqctl, redis-server, pg_ctlcluster")
+    if not (shutil.which("rabbitmqctl") and shutil.which("redis-server") and shutil.which("redis-cli")):
+        pytest.fail("this test restarts the services: rabbitmqctl, redis-server and redis-cli are needed")
     port = free_port()
     env = {
         **service_env,
