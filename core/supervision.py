@@ -2,16 +2,19 @@
 
 The Procfile stays the one list of processes (bench/e2e.py reads it too); this module turns each of its lines
 into a supervisord `[program:x]` that is restarted whenever it dies, stopped with its whole process group, and
-logs to a file of its own. `ops/run` writes the file and runs `supervisord -n -c var/supervisord.conf`;
-`ops/status` asks the same file's control socket.
+logs to a file of its own; and, for one that serves HTTP, an event listener that restarts it when it hangs.
+`ops/run` writes the file and runs `supervisord -n -c var/supervisord.conf`; `ops/status` asks the same file's
+control socket.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 
@@ -33,6 +36,16 @@ PRIORITY = {"nginx": 300, "ingress": 200}
 DEFAULT_PRIORITY = 100
 # nginx stops gracefully on QUIT (TERM is its fast shutdown, which drops requests in flight).
 STOPSIGNAL = {"nginx": "QUIT"}
+# Liveness: a process that serves HTTP is asked every minute (superlance's `httpok`, a supervisord event
+# listener) and restarted when it does not answer 200 within LIVENESS_TIMEOUT_S: a hung process, not only a
+# dead one. An ingress node is asked its /healthz (`--port`), every other process its metrics
+# (`--metrics-port`).
+LIVENESS_EVENT = "TICK_60"
+LIVENESS_TIMEOUT_S = 10
+LIVENESS_URLS = (
+    (re.compile(r"--metrics-port (\d+)"), "/metrics"),
+    (re.compile(r"ingress\.app .*--port (\d+)"), "/healthz"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +57,15 @@ class Process:
     def kind(self) -> str:
         """ingress1 -> ingress, worker2 -> worker."""
         return re.sub(r"\d+$", "", self.name)
+
+    @property
+    def liveness_url(self) -> str | None:
+        """Where the process answers whether it is alive, if it serves HTTP."""
+        for pattern, path in LIVENESS_URLS:
+            found = pattern.search(self.command)
+            if found:
+                return f"http://127.0.0.1:{found.group(1)}{path}"
+        return None
 
 
 def read_procfile(path: Path) -> list[Process]:
@@ -68,9 +90,20 @@ def _value(text: str) -> str:
     return text.replace("%", "%%")
 
 
-def render(processes: list[Process], *, root: Path, run_dir: Path) -> str:
+def render(
+    processes: list[Process],
+    *,
+    root: Path,
+    run_dir: Path,
+    bin_dir: Path | None = None,
+    liveness_event: str = LIVENESS_EVENT,
+    liveness_timeout_s: int = LIVENESS_TIMEOUT_S,
+) -> str:
     """The supervisord configuration (INI) for `processes`, run in `root`, its state under `run_dir`
-    (control socket, pid file, log/ with one file per process)."""
+    (control socket, pid file, log/ with one file per process); `bin_dir` holds `httpok` (default: this
+    Python's). A process serving HTTP is asked on every `liveness_event` and restarted when it does not
+    answer within `liveness_timeout_s` seconds."""
+    httpok = (bin_dir or Path(sys.executable).parent) / "httpok"
     root, run_dir = root.resolve(), run_dir.resolve()
     log_dir = run_dir / "log"
     lines = [
@@ -119,12 +152,27 @@ def render(processes: list[Process], *, root: Path, run_dir: Path) -> str:
             f"stdout_logfile_maxbytes={LOG_MAXBYTES}",
             f"stdout_logfile_backups={LOG_BACKUPS}",
         ]
+        url = process.liveness_url
+        if url is not None:
+            listener = [str(httpok), "-p", process.name, "-t", str(liveness_timeout_s), url]
+            lines += [
+                "",
+                f"[eventlistener:alive-{process.name}]",
+                f"command={_value(shlex.join(listener))}",
+                f"events={liveness_event}",
+                "autorestart=true",
+                f"stdout_logfile={_value(str(log_dir / f'alive-{process.name}.log'))}",
+                f"stdout_logfile_maxbytes={LOG_MAXBYTES}",
+                "redirect_stderr=false",
+                f"stderr_logfile={_value(str(log_dir / f'alive-{process.name}.log'))}",
+            ]
     return "\n".join(lines) + "\n"
 
 
-def write_config(procfile: Path, *, root: Path, run_dir: Path) -> Path:
-    """Write `<run_dir>/supervisord.conf` for `procfile` (and create `<run_dir>/log`); returns its path."""
+def write_config(procfile: Path, *, root: Path, run_dir: Path, **liveness: Any) -> Path:
+    """Write `<run_dir>/supervisord.conf` for `procfile` (and create `<run_dir>/log`); returns its path.
+    `liveness`: `render`'s liveness_event and liveness_timeout_s."""
     (run_dir / "log").mkdir(parents=True, exist_ok=True)
     path = run_dir / "supervisord.conf"
-    path.write_text(render(read_procfile(procfile), root=root, run_dir=run_dir))
+    path.write_text(render(read_procfile(procfile), root=root, run_dir=run_dir, **liveness))
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from core.supervision import write_config
-from tests.processes import BIN
+from tests.processes import BIN, free_port
 
 STATUS_LINE = re.compile(r"^(\S+)\s+([A-Z]+)\s*(?:pid (\d+),)?")
 
@@ -47,12 +48,19 @@ class Supervisor:
 @pytest.fixture
 def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
     procfile = tmp_path / "Procfile"
+    hung = (
+        "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[2]))); s.listen();"
+        " time.sleep(300)"
+    )  # takes connections and never answers: alive to the kernel, hung to a client
     procfile.write_text(
-        "# a steady process with a child of its own, and one that never gets past its start\n"
+        "# a steady process with a child of its own, one that never gets past its start, and a hung one\n"
         "steady: sleep 300 & exec sleep 301\n"
         "early: exit 3\n"
+        f"hung: exec {BIN / 'python'} -c {shlex.quote(hung)} --metrics-port {free_port()}\n"
     )
-    conf = write_config(procfile, root=tmp_path, run_dir=tmp_path / "var")
+    conf = write_config(
+        procfile, root=tmp_path, run_dir=tmp_path / "var", liveness_event="TICK_5", liveness_timeout_s=2
+    )
     popen = subprocess.Popen(
         [str(BIN / "supervisord"), "-n", "-c", str(conf)],
         stdout=subprocess.DEVNULL,
@@ -86,6 +94,16 @@ def test_restarts_backoff_and_group_stop(supervisor: Supervisor) -> None:
     supervisor.popen.send_signal(signal.SIGINT)
     assert supervisor.popen.wait(30) == 0
     assert not [p for p in sleepers if _alive(p)], "stopasgroup took the child too"
+
+
+def test_a_hung_process_is_restarted_by_its_liveness_check(supervisor: Supervisor) -> None:
+    pid = supervisor.wait_for("hung", "RUNNING", 15)
+    assert supervisor.wait_for("steady", "RUNNING", 15)
+    # Its metrics port takes the connection and answers nothing: httpok gives up after 2 s and restarts it.
+    restarted = supervisor.wait_for("hung", "RUNNING", 30, not_pid=pid)
+    assert restarted is not None and restarted != pid
+    assert "alive-hung" in supervisor.status()  # the listener, itself supervised
+    assert "alive-steady" not in supervisor.status()  # no HTTP: nothing to ask
 
 
 def _is_child_sleep(proc: Path, parent: int) -> bool:

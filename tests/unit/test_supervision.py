@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
 from pathlib import Path
 
@@ -61,3 +62,18 @@ def test_bad_procfiles_are_refused(tmp_path: Path, text: str) -> None:
     procfile.write_text(text)
     with pytest.raises(ValueError):
         read_procfile(procfile)
+
+
+def test_each_process_that_serves_http_has_a_liveness_listener(tmp_path: Path) -> None:
+    processes = read_procfile(ROOT / "Procfile")
+    conf = parse(render(processes, root=ROOT, run_dir=tmp_path, bin_dir=tmp_path))
+    for process in processes:
+        section = f"eventlistener:alive-{process.name}"
+        if process.kind in ("nginx", "mongo"):
+            assert section not in conf, process.name
+            continue
+        command = shlex.split(conf[section]["command"])
+        port = re.search(r"--(?:metrics-)?port (\d+)", process.command).group(1)  # type: ignore[union-attr]
+        path = "/healthz" if process.kind == "ingress" else "/metrics"
+        assert command == [str(tmp_path / "httpok"), "-p", process.name, "-t", "10", f"http://127.0.0.1:{port}{path}"]
+        assert conf[section]["events"] == "TICK_60"
