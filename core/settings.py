@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -27,9 +28,15 @@ LogLevel = Annotated[
 ]
 
 
+# What `ops/services start` found or started on this machine (the servers' URLs), for every process and command
+# of this checkout, however started; a variable set in the environment wins over it. Absent elsewhere (an image).
+LOCAL_ENV_FILE = Path(__file__).resolve().parent.parent / "var" / "cleanledger.env"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CLEANLEDGER_",
+        env_file=LOCAL_ENV_FILE,
         frozen=True,
         extra="forbid",
         validate_default=True,
