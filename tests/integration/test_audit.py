@@ -97,6 +97,13 @@ def relay(settings: Settings, name: str) -> contextlib.AbstractContextManager[Ma
     return ManagedProcess.start(command, env=settings_env(settings), name=name)
 
 
+def in_environment(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """`settings` as this process's CLEANLEDGER_* variables, for the CLI commands a test runs in-process."""
+    for name, value in settings_env(settings).items():
+        if name.startswith("CLEANLEDGER_"):
+            monkeypatch.setenv(name, value)
+
+
 def records(mongo_url: str, tenant: str) -> list[dict[str, object]]:
     with pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000) as client:
         return list(client.get_default_database()[COLLECTION].find({"tenant_id": tenant}))
@@ -216,9 +223,7 @@ def test_audit_lag_says_how_far_the_trail_is_behind(
     audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    for name, value in settings_env(audited).items():
-        if name.startswith("CLEANLEDGER_"):
-            monkeypatch.setenv(name, value)
+    in_environment(monkeypatch, audited)
     account = open_account(ledger, tenant)
     with audit_consumer(audited, "audit-lag"):
         wait_for_records(mongo.url, tenant, outbox_ids(audited, tenant))
@@ -242,9 +247,7 @@ def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     own = private_queues(settings, f"replay{key()[:8]}", mongo_url=f"{mongo.url}_replay_{key()[:8]}")
-    for name, value in settings_env(own).items():
-        if name.startswith("CLEANLEDGER_"):
-            monkeypatch.setenv(name, value)
+    in_environment(monkeypatch, own)
     try:
         with relay(own, "replay-relay"), audit_consumer(own, "replay-audit"):
             accounts: list[object] = [open_account(ledger, tenant, overdraft=n * 100) for n in range(4)]
@@ -375,9 +378,7 @@ def test_api_keys_created_and_revoked_are_audited_for_the_trail_alone(
     audited: Settings, mongo: MongoServer, ledger: LedgerService, tenant: str,
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    for name, value in settings_env(audited).items():
-        if name.startswith("CLEANLEDGER_"):
-            monkeypatch.setenv(name, value)
+    in_environment(monkeypatch, audited)
     assert cli_main(["create-api-key", "--tenant", tenant, "--name", "ops"]) == 0
     secret = capsys.readouterr().out.strip()
     assert cli_main(["list-api-keys", "--tenant", tenant]) == 0
