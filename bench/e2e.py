@@ -30,7 +30,8 @@ in flight, against the plain-SQL baseline measured with as many clients in the s
 5. Checks: every phase's accepted == settled == its rows in the database, none pending; `cleanledger verify`
    exits 0. Ratios: settled/s of each phase over the plain-SQL baseline (uniform for uniform, hot otherwise).
 6. `--compare-without PROCESSES` (Procfile names, comma-separated): the price of those processes, measured in
-   the same run. The run's tenant is `bench-<hex>` (MongoDB's var/mongo outlives runs), the webhook allow-list
+   the same run. The run's tenant is `bench-<hex>`, MongoDB keeps its data in a directory of the run's own
+   (deleted after; the Procfile's var/mongo outlives runs, and a grown store is slower), the webhook allow-list
    admits 127.0.0.0/8, and a receiver (aiohttp in a child process on 127.0.0.1, answers 200, counts deliveries)
    gets one endpoint subscribed to `*`, registered after the accounts are funded. Each part runs an unmeasured
    warm-up, then every case and mode; after each phase the script waits (up to `--drain-seconds`, CPU metered
@@ -152,6 +153,9 @@ class Stack:
     env: dict[str, str]
     log_dir: Path
     exclude: frozenset[str] = frozenset()  # Procfile names not started
+    # The Procfile's MongoDB keeps its data in var/mongo, which outlives runs: a run's own directory instead, so
+    # every run's audit trail starts empty (a Mongo-wire server grown by earlier runs is slower).
+    mongo_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     exit_codes: dict[str, int | None] | None = None  # once stopped
 
@@ -160,6 +164,9 @@ class Stack:
         for name, command in procfile():
             if name in self.exclude:
                 continue
+            if name == "mongo" and self.mongo_dir is not None:
+                assert "var/mongo" in command, command
+                command = command.replace("var/mongo", str(self.mongo_dir))
             log = (self.log_dir / f"{name}.log").open("wb")
             self.processes[name] = subprocess.Popen(
                 ["bash", "-c", command],
@@ -1347,14 +1354,14 @@ def main() -> None:
     checks: dict[str, Any] = {}
     facts: dict[str, Any] = {"procfile": dict(procfile())}
     log_dir = Path(tempfile.mkdtemp(prefix="cleanledger-e2e-"))
-    # --compare-without: a tenant of this run's own (the audit trail in var/mongo outlives runs) and the receiver.
+    # --compare-without: a tenant of this run's own and the receiver.
     tenant = f"bench-{uuid.uuid4().hex[:8]}" if without else TENANT
     comparison: Comparison | None = None
     with fresh_database("bench_e2e") as db_url, private_queue(settings.amqp_url) as queue:
         env = stack_env(db_url, queue, loopback_webhooks=bool(without))
         stack_settings = Settings.from_env(env)
         migrate(stack_settings)
-        stack = Stack(env, log_dir)
+        stack = Stack(env, log_dir, mongo_dir=log_dir / "mongo")
         off: Stack | None = None
         try:
             if without:
@@ -1391,7 +1398,7 @@ def main() -> None:
                 off_env = dict(env)
                 if "audit" in without:  # nobody to read the ingress's request records: they are not sent
                     off_env["CLEANLEDGER_AUDIT_REQUESTS"] = "false"
-                off = Stack(off_env, log_dir / "without", exclude=frozenset(without))
+                off = Stack(off_env, log_dir / "without", exclude=frozenset(without), mongo_dir=log_dir / "mongo")
                 off.start()
                 off.wait_ready(extra_ports=(MONGO_PORT,) if off.runs("mongo") else ())
                 restart_s = time.perf_counter() - restart_started
@@ -1419,6 +1426,7 @@ def main() -> None:
                 comparison.receiver.stop()
             with contextlib.suppress(Exception):
                 facts["redis_keys_removed"] = forget_redis_copies(settings.redis_url, db_url)
+            shutil.rmtree(log_dir / "mongo", ignore_errors=True)  # the run's audit trail: data, not a log
 
     checks["phases_consistent"] = {f"{p.case}/{p.mode}": p.consistent for p in phases}
     checks["plain_sql"] = plain_check

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -26,7 +28,7 @@ from core.adapters.postgres.verify import verify
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from tests.helpers import balance, open_account
-from tests.processes import ROOT, ManagedProcess, free_port, ingress_command, worker_command
+from tests.processes import ROOT, ManagedProcess, free_port, ingress_command, wait_for_port, worker_command
 
 CLIENTS = 6
 ACCOUNTS = 20
@@ -34,9 +36,20 @@ ACCOUNTS = 20
 REQUEST_DEADLINE_S = 90.0
 
 
+# Each service's URL variable and default port: where it must answer again after its restart.
+SERVICE_URLS = {
+    "postgres": ("CLEANLEDGER_DATABASE_URL", 5432),
+    "redis": ("CLEANLEDGER_REDIS_URL", 6379),
+    "rabbitmq": ("CLEANLEDGER_AMQP_URL", 5672),
+}
+
+
 def restart(service: str) -> None:
-    """Restart one of the services, wherever ops/services found or started it."""
+    """Restart one of the services, wherever ops/services found or started it; it answers again after."""
     subprocess.run([str(ROOT / "ops" / "services"), "restart", service], check=True, capture_output=True, timeout=180)
+    variable, default = SERVICE_URLS[service]
+    url = os.environ.get(variable)
+    wait_for_port(urlsplit(url).port or default if url else default, 30)
 
 
 def restart_rabbitmq() -> None:
