@@ -95,6 +95,7 @@ from common import (
 )
 
 from core.adapters.postgres.migrate import migrate
+from core.adapters.rabbitmq.connection import queue_depth
 from core.settings import Settings
 
 TENANT = "bench"
@@ -329,26 +330,6 @@ def wait_ports_free(ports: tuple[int, ...], timeout_s: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"127.0.0.1 ports {busy} still answer {timeout_s:.0f} s after the stack stopped")
         time.sleep(0.2)
-
-
-def queue_depth(amqp_url: str, name: str) -> int | None:
-    """Messages ready in a queue (None: no such queue, or RabbitMQ could not be asked)."""
-    import pika
-    import pika.exceptions
-
-    try:
-        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    except pika.exceptions.AMQPError:
-        return None
-    try:
-        declared = connection.channel().queue_declare(name, passive=True)
-        return int(declared.method.message_count)
-    except pika.exceptions.AMQPError:
-        return None
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            if connection.is_open:
-                connection.close()
 
 
 def cleanledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

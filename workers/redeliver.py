@@ -20,7 +20,8 @@ from psycopg_pool import ConnectionPool
 from core.adapters.metrics import DEAD_LETTERS, OPERATIONS_REQUEUED, PENDING_OLDEST_SECONDS
 from core.adapters.postgres.db import open_pool
 from core.adapters.postgres.operations import lock_stale_pending, mark_enqueued_in, oldest_pending_age_s
-from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher, dead_letter_queue, queue_depths
+from core.adapters.rabbitmq.commands import BrokerUnavailable, CommandPublisher, dead_letter_queue
+from core.adapters.rabbitmq.connection import queue_depth
 from core.application.commands import command_from_json
 from core.bootstrap import redelivery_publisher
 from core.domain.errors import LedgerError
@@ -87,8 +88,10 @@ def main() -> None:
             sweeper.run_once()
         except Exception:
             log.exception("redeliver.sweep_failed")
-        for queue, depth in queue_depths(settings.amqp_url, dead_letter_queues).items():
-            DEAD_LETTERS.labels(queue).set(depth)
+        for queue in dead_letter_queues:
+            depth = queue_depth(settings.amqp_url, queue)
+            if depth is not None:  # not declared yet, or RabbitMQ down: the last value stands
+                DEAD_LETTERS.labels(queue).set(depth)
         stop.wait(interval_s)
     pool.close()
 

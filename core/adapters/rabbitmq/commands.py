@@ -9,7 +9,6 @@ redelivery sweeper and tests.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -20,12 +19,11 @@ from uuid import UUID
 
 import dramatiq
 import pika
-import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from core.adapters.metrics import ACCEPT_GROUP_SIZE, PUBLISH_CONFIRM_SECONDS
 from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, durable_queue
-from core.adapters.rabbitmq.connection import bounded_url, connection_parameters
+from core.adapters.rabbitmq.connection import bounded_url
 from core.application.commands import Command, command_from_json, validate_idempotency_key
 from core.application.ports import Claim, CommandQueue, QueueUnavailable
 from core.domain.errors import ValidationFailed
@@ -112,31 +110,6 @@ def main_queue_arguments(queue_name: str) -> dict[str, Any]:
 
 def dead_letter_queue(queue_name: str) -> str:
     return f"{queue_name}.XQ"
-
-
-def queue_depths(amqp_url: str, queues: Sequence[str]) -> dict[str, int]:
-    """Messages ready in each of `queues` (passive declares); a queue not declared yet, or a broker that does not
-    answer, is left out."""
-    depths: dict[str, int] = {}
-    try:
-        connection = pika.BlockingConnection(connection_parameters(amqp_url))
-    except pika.exceptions.AMQPError:
-        return depths
-    try:
-        for queue in queues:
-            channel = connection.channel()
-            try:
-                depths[queue] = channel.queue_declare(queue, passive=True).method.message_count
-            except pika.exceptions.ChannelClosedByBroker:
-                continue  # not declared yet
-            if channel.is_open:
-                channel.close()
-    except pika.exceptions.AMQPError:
-        pass
-    finally:
-        with contextlib.suppress(pika.exceptions.AMQPError):
-            connection.close()
-    return depths
 
 
 def retry_queue(queue_name: str, delay_ms: int) -> str:
