@@ -38,20 +38,32 @@ ensure_services() {
     eval "$exports"
 }
 
+install_packages() {
+    # install_packages COMMAND PACKAGE...: the Debian packages, unless COMMAND (a name or a path) is there
+    # already. As root only; anyone else is told what to install, and the script stops (exit 69).
+    local command=$1
+    shift
+    if command -v "$command" >/dev/null || [ -x "$command" ]; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ]; then
+        echo "$* missing: install it (apt-get install $*)" >&2
+        exit 69
+    fi
+    echo "installing $*" >&2
+    if [ -z "${APT_UPDATED:-}" ]; then
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 ensure_nginx() {
     # nginx fronts the ingress nodes (ops/run) and the supervised-stack test (ops/test).
-    if ! command -v nginx >/dev/null; then
-        echo "installing nginx"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
-    fi
+    install_packages nginx nginx
 }
 
 ensure_chromium() {
     # Headless Chromium loads the /docs page in the suite (every route must show there).
-    if ! command -v chromium >/dev/null; then
-        echo "installing chromium (headless, for the /docs page test)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-    fi
+    install_packages chromium chromium
 }
