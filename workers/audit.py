@@ -58,7 +58,7 @@ def audit_records(delivery: Delivery) -> list[AuditRecord]:
             if not isinstance(documents, list):
                 raise TypeError("not a list of requests")
             return [request_record(document) for document in documents]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past json's depth
             raise ValueError(f"not a group of request records: {exc}") from None
     return [event_record(delivery)]
 
@@ -79,7 +79,7 @@ def event_record(delivery: Delivery) -> AuditRecord:
             document=data,
             position=position if isinstance(position, int) else None,
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past json's depth
         raise ValueError(f"not an event: {exc}") from None
 
 

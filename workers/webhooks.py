@@ -165,7 +165,7 @@ class EventFanout:
                 UUID(str(document["id"]))
                 if not all(isinstance(document.get(k), str) for k in ("type", "tenant_id")):
                     raise ValueError("type and tenant_id must be strings")
-            except (ValueError, KeyError) as exc:
+            except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: nested past json's depth
                 log.warning("webhooks.event_invalid", tag=tag, error=str(exc))  # acknowledged with the batch: dropped
                 continue
             events[str(document["id"])] = document
