@@ -83,3 +83,28 @@ async def asyncio_run_in_thread(command: list[str]) -> subprocess.CompletedProce
     import asyncio
 
     return await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+
+
+async def test_hostile_paths_on_the_description_routes_are_404_problems_that_echo_nothing(
+    aiohttp_client: ClientFactory, settings: Settings
+) -> None:
+    node = await aiohttp_client(init_app(settings))
+    marker = "zz" + "q" * 30
+    for path in [
+        f"/problems/{marker}%00",
+        f"/problems/{marker}%FF%FE",
+        f"/problems/{marker}" + "x" * 5000,
+        f"/problems/..%2F..%2F{marker}",
+        f"/docs/assets/{marker}%00.js",
+        f"/docs/assets/{marker}%FF.css",
+        f"/docs/assets/.{marker}",
+        f"/docs/assets/{marker}" + "y" * 5000,
+        f"/docs/assets/..%2F..%2F..%2Fetc%2F{marker}",
+    ]:
+        answer = await node.get(path)
+        assert (answer.status, answer.content_type) == (404, "application/problem+json"), path
+        assert marker not in await answer.text(), path
+    # The description takes no input: a query or a key changes nothing, and it is the same for every caller.
+    plain = await (await node.get("/v1/openapi.json")).read()
+    other = await node.get("/v1/openapi.json?x=%00&limit=-1", headers={"Authorization": "Bearer clk_nope"})
+    assert (other.status, await other.read()) == (200, plain)
