@@ -372,7 +372,7 @@ def problem_page(code: str) -> str | None:
     error = catalogue().get(code)
     if error is None:
         return None
-    doc = (error.__doc__ or "").strip() if error.__doc__ is not LedgerError.__doc__ else ""
+    doc = "" if error is LedgerError else (error.__doc__ or "").strip()  # the base's docstring is about the code
     retry = "Retrying the same request later may succeed." if not error.permanent else "A final answer."
     return _page(
         f"{error.code} ({error.status})",
