@@ -65,15 +65,18 @@ def load(conn: psycopg.Connection[Any], account: uuid.UUID, first: int, last: in
             ),
             (
                 "entries",
-                "(transaction_id, account_id, sequence, amount, currency, balance_after, created_at)",
-                lambda n, at: f"{row_id(1, n)}\t{account}\t{n}\t1\tUSD\t{n}\t{at}\n",
+                "(transaction_id, tenant_id, account_id, sequence, amount, currency, balance_after, created_at)",
+                lambda n, at: f"{row_id(1, n)}\t{TENANT}\t{account}\t{n}\t1\tUSD\t{n}\t{at}\n",
             ),
         ):
             with cur.copy(f"COPY {table} {columns} FROM STDIN") as copy:
                 for start in range(first, last + 1, COPY_CHUNK):
                     chunk = range(start, min(last, start + COPY_CHUNK - 1) + 1)
                     copy.write("".join(line(n, (START + timedelta(seconds=n)).isoformat()) for n in chunk))
-    conn.execute("UPDATE accounts SET posted_balance = %s, version = %s WHERE id = %s", (last, last, account))
+    conn.execute(
+        "UPDATE accounts SET posted_balance = %s, version = %s WHERE tenant_id = %s AND id = %s",
+        (last, last, TENANT, account),
+    )
     conn.commit()
     conn.execute("ANALYZE entries")
     conn.execute("ANALYZE transactions")

@@ -16,7 +16,7 @@ from core.application.commands import Command
 from core.application.views import OperationResult
 from core.domain.errors import ServiceUnavailable
 from core.domain.ids import new_id
-from core.domain.model import Account, Transaction
+from core.domain.model import Account, AccountKey, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ class Event:
 class WriteSet:
     """The accounts a unit of work will lock and write, declared before it starts (any tenants')."""
 
-    account_ids: frozenset[UUID]
+    accounts: frozenset[AccountKey]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +100,9 @@ class Completion:
 # Set-based on purpose: a unit of work may settle many commands, and each port call is one statement.
 class AccountRepository(abc.ABC):
     @abc.abstractmethod
-    def lock(self, ids: Collection[UUID]) -> dict[UUID, Account]:
-        """Lock the accounts among `ids` for update, in id order, whatever their tenant (the caller checks
-        it); absent ids are left out."""
+    def lock(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
+        """Lock the accounts among `keys` for update, in key order, of any tenants; absent ones are left
+        out."""
 
     @abc.abstractmethod
     def add(self, accounts: Sequence[Account]) -> None:
@@ -266,13 +266,13 @@ class UnitOfWork(abc.ABC):
     outbox: Outbox
     write_set: WriteSet | None = None
 
-    def writing(self, account_ids: Collection[UUID]) -> Self:
+    def writing(self, accounts: Collection[AccountKey]) -> Self:
         """Declare, before entering, the accounts this unit will lock and write.
 
         The unit then waits for their other writers before it takes its snapshot, so a hot account makes
         writers queue instead of failing each other with serialization errors and retrying at random.
         """
-        self.write_set = WriteSet(frozenset(account_ids)) if account_ids else None
+        self.write_set = WriteSet(frozenset(accounts)) if accounts else None
         return self
 
     def __enter__(self) -> Self:

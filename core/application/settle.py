@@ -37,7 +37,7 @@ from core.domain.errors import (
     LedgerError,
 )
 from core.domain.ids import external_account_id, new_id
-from core.domain.model import Account, AccountKind, OverdraftPolicy, TransactionKind, post_legs
+from core.domain.model import Account, AccountKey, AccountKind, OverdraftPolicy, TransactionKind, post_legs
 
 Clock = Callable[[], datetime]
 log = structlog.get_logger(__name__)
@@ -74,7 +74,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     with uow.writing(written_accounts(s.command for s in submissions)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
-        books = _Books(uow.accounts.lock(uow.write_set.account_ids) if uow.write_set else {}, clock())
+        books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock())
         answers: list[Settled] = []
         completions: list[Completion] = []
         for submission, fingerprint, body in zip(submissions, fingerprints, bodies, strict=True):
@@ -104,15 +104,15 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     return answers
 
 
-def written_accounts(commands: Iterable[Command]) -> set[UUID]:
+def written_accounts(commands: Iterable[Command]) -> set[AccountKey]:
     """The accounts commands may lock and write (a client-chosen new id included), known before they run."""
-    ids: set[UUID] = set()
+    keys: set[AccountKey] = set()
     for command in commands:
         if isinstance(command, PostingCommand):
-            ids.update(account_id for account_id, _, _ in legs_of(command)[1])
+            keys.update((command.tenant_id, account_id) for account_id, _, _ in legs_of(command)[1])
         elif isinstance(command, ChangeAccountStatus | UpdateAccountMetadata | CreateAccount) and command.account_id:
-            ids.add(command.account_id)
-    return ids
+            keys.add((command.tenant_id, command.account_id))
+    return keys
 
 
 def legs_of(command: PostingCommand) -> tuple[TransactionKind, list[tuple[UUID, int, str]]]:
@@ -154,11 +154,11 @@ class _Books:
     """A group's view of the ledger while it settles: the locked accounts, changed in memory, and everything
     to write once the group is done."""
 
-    def __init__(self, locked: dict[UUID, Account], now: datetime) -> None:
-        self.accounts = locked  # any tenant's: `_account` checks the owner
+    def __init__(self, locked: dict[AccountKey, Account], now: datetime) -> None:
+        self.accounts = locked  # by (tenant, id): a group may serve many tenants
         self.now = now
-        self.created: dict[UUID, Account] = {}  # inserted at the end as they then stand
-        self.changed: dict[UUID, Account] = {}  # existing rows whose balance or status changed
+        self.created: dict[AccountKey, Account] = {}  # inserted at the end as they then stand
+        self.changed: dict[AccountKey, Account] = {}  # existing rows whose balance or status changed
         self.postings: list[Posting] = []
         self.events: list[Event] = []
 
@@ -195,20 +195,19 @@ class _Books:
             uow.outbox.stage(self.events)
 
     def _account(self, tenant_id: str, account_id: UUID) -> Account | None:
-        account = self.accounts.get(account_id)
-        return account if account is not None and account.tenant_id == tenant_id else None
+        return self.accounts.get((tenant_id, account_id))
 
     def _open(self, account: Account) -> Account:
-        self.accounts[account.id] = self.created[account.id] = account
+        self.accounts[account.key] = self.created[account.key] = account
         return account
 
     def _touch(self, account: Account) -> None:
-        if account.id not in self.created:
-            self.changed[account.id] = account
+        if account.key not in self.created:
+            self.changed[account.key] = account
 
     def _leg_account(self, tenant: str, account_id: UUID, currency: str, external: UUID | None) -> Account:
         account = self._account(tenant, account_id)
-        if account is None and account_id == external and account_id not in self.accounts:
+        if account is None and account_id == external:
             # The tenant's first posting in this currency: its id was locked with the others.
             unrestricted = OverdraftPolicy(None)
             account = self._open(
@@ -223,7 +222,7 @@ class _Books:
         return account
 
     def _create_account(self, command: CreateAccount, operation: Operation) -> dict[str, object]:
-        if command.account_id is not None and command.account_id in self.accounts:
+        if command.account_id is not None and (command.tenant_id, command.account_id) in self.accounts:
             raise AccountExists(f"account {command.account_id} already exists", account_id=str(command.account_id))
         account = self._open(
             Account(

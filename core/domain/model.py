@@ -129,6 +129,10 @@ class OverdraftPolicy:
         return -MAX_BALANCE if self.limit is None else -self.limit
 
 
+# An account's full name: account ids are scoped per tenant, so two tenants may hold the same id.
+AccountKey = tuple[str, UUID]
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One immutable line of the ledger: a signed amount (credit > 0, debit < 0) against one account.
@@ -162,6 +166,10 @@ class Account:
     def __post_init__(self) -> None:
         validate_currency(self.currency)
         validate_tenant_id(self.tenant_id)
+
+    @property
+    def key(self) -> AccountKey:
+        return (self.tenant_id, self.id)
 
     def ensure_postable(self) -> None:
         if self.status is AccountStatus.FROZEN:

@@ -655,8 +655,8 @@ def test_every_listing_filter_is_backed_by_an_index(settings: Settings) -> None:
                 "WITH a AS (SELECT id, tenant_id, row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS r"
                 " FROM accounts), t AS (SELECT id, tenant_id, created_at,"
                 " row_number() OVER (PARTITION BY tenant_id ORDER BY id) AS r FROM transactions)"
-                " INSERT INTO entries (transaction_id, account_id, sequence, amount, currency, balance_after,"
-                " created_at) SELECT t.id, a.id, 1, 1, 'USD', 1, t.created_at"
+                " INSERT INTO entries (transaction_id, tenant_id, account_id, sequence, amount, currency,"
+                " balance_after, created_at) SELECT t.id, t.tenant_id, a.id, 1, 1, 'USD', 1, t.created_at"
                 " FROM t JOIN a ON a.tenant_id = t.tenant_id AND a.r = t.r"
             )
             conn.execute("ANALYZE")

@@ -203,9 +203,9 @@ def test_entries_use_the_index_not_a_scan(ledger: LedgerService, tenant: str, db
     plan = "\n".join(
         r[0]
         for r in db.execute(
-            "EXPLAIN SELECT * FROM entries WHERE account_id = %s AND (created_at, sequence) < (now(), 10)"
-            " ORDER BY created_at DESC, sequence DESC LIMIT 50",
-            (a,),
+            "EXPLAIN SELECT * FROM entries WHERE tenant_id = %s AND account_id = %s"
+            " AND (created_at, sequence) < (now(), 10) ORDER BY created_at DESC, sequence DESC LIMIT 50",
+            (tenant, a),
         ).fetchall()
     )
     assert "entries_account_time_idx" in plan
@@ -308,9 +308,9 @@ def test_verify_reports_entries_whose_transaction_or_account_is_missing(settings
         with psycopg.connect(scratch.database_url, autocommit=True) as conn:
             assert verify(conn) == []
             conn.execute(
-                "INSERT INTO entries (transaction_id, account_id, sequence, amount, currency, balance_after,"
-                " created_at)"
-                " VALUES (%s, %s, 99, 1, 'USD', 1, now())",
+                "INSERT INTO entries (transaction_id, tenant_id, account_id, sequence, amount, currency,"
+                " balance_after, created_at)"
+                " VALUES (%s, 'scratch', %s, 99, 1, 'USD', 1, now())",
                 (uuid.uuid4(), a),
             )
             found = {v.check for v in verify(conn)}

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from core.adapters.postgres.api_keys import create_api_key
+from core.adapters.postgres.verify import verify
 from core.bootstrap import LedgerService
 from core.settings import Settings
 from ingress.app import init_app
@@ -132,3 +133,35 @@ async def test_listings_show_only_the_callers_own(
     pattern = re.compile("|".join(re.escape(v) for v in ids.values()))
     for path in ["/v1/accounts", "/v1/operations", "/v1/transactions", "/v1/events"]:
         assert not pattern.search(await (await api.get(path, headers=auth(b_key))).text()), path
+
+
+async def test_an_account_id_another_tenant_holds_answers_as_a_free_one(
+    api: TestClient[Any, Any], ledger: LedgerService, tenant: str
+) -> None:
+    a_key = create_api_key(ledger.pool, tenant)[1]
+    b_key = create_api_key(ledger.pool, f"{tenant}-b")[1]
+    ids = await a_world(api, a_key)
+    taken, free = ids["account_id"], str(uuid.uuid4())
+    answers = []
+    for chosen in (taken, free):  # B picks A's id, then an id nobody holds: the same answer
+        response = await api.post("/v1/accounts", json={"currency": "EUR", "id": chosen}, headers=auth(b_key))
+        document = await response.json()
+        answers.append((response.status, document["status"], document["result"]["account"]["id"] == chosen))
+    assert answers[0] == answers[1] == (answers[1][0], "succeeded", True)
+    # B's account and A's share an id and nothing else: balances, entries and listings stay apart.
+    credit = {"account_id": taken, "amount": 7, "currency": "EUR"}
+    assert (await (await api.post("/v1/credits", json=credit, headers=auth(b_key))).json())["status"] == "succeeded"
+    mine = await (await api.get(f"/v1/accounts/{taken}", headers=auth(a_key))).json()
+    theirs = await (await api.get(f"/v1/accounts/{taken}", headers=auth(b_key))).json()
+    assert (mine["currency"], mine["balance"]["posted"]) == ("USD", 50)
+    assert (theirs["currency"], theirs["balance"]["posted"]) == ("EUR", 7)
+    for key, amounts in ((a_key, [50]), (b_key, [7])):
+        entries = await (await api.get(f"/v1/accounts/{taken}/entries", headers=auth(key))).json()
+        assert [e["amount"] for e in entries["data"]] == amounts
+        listed = await (await api.get(f"/v1/transactions?account_id={taken}", headers=auth(key))).json()
+        assert len(listed["data"]) == 1
+    # Within one tenant an id is still unique.
+    again = await api.post("/v1/accounts", json={"currency": "USD", "id": taken}, headers=auth(a_key))
+    assert (await again.json())["problem"]["code"] == "account-exists"
+    with ledger.pool.connection() as conn:
+        assert verify(conn) == []

@@ -37,11 +37,11 @@ class PausingUnitOfWork(PostgresUnitOfWork):
         super().commit()
 
 
-def advisory_locks(db: psycopg.Connection[tuple[object, ...]], *accounts: UUID) -> int:
+def advisory_locks(db: psycopg.Connection[tuple[object, ...]], tenant: str, *accounts: UUID) -> int:
     """How many of these accounts' advisory locks any session holds (a bigint key is classid:objid)."""
     held = 0
     for account in accounts:
-        unsigned = advisory_key(account) & 0xFFFF_FFFF_FFFF_FFFF
+        unsigned = advisory_key((tenant, account)) & 0xFFFF_FFFF_FFFF_FFFF
         row = db.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1"
             " AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
@@ -99,24 +99,24 @@ def test_no_advisory_lock_outlives_its_unit_of_work(
 ) -> None:
     account = open_account(ledger, tenant)
     external = external_account_id(tenant, "USD")
-    assert advisory_locks(db, account, external) == 0
+    assert advisory_locks(db, tenant, account, external) == 0
     k = key()
     command = Credit(tenant, account, Money.for_posting(10, "USD"))
     assert ledger.execute(command, idempotency_key=k).status is OperationStatus.SUCCEEDED  # COMMIT
     assert ledger.execute(command, idempotency_key=k).replayed  # replay: left without COMMIT
     rejected = ledger.execute(Debit(tenant, account, Money.for_posting(99, "USD")), idempotency_key=key())
     assert rejected.status is OperationStatus.FAILED  # a business rejection commits its result
-    assert advisory_locks(db, account, external) == 0
+    assert advisory_locks(db, tenant, account, external) == 0
 
     def fail_half_way() -> None:
-        with ledger.unit_of_work().writing([account]) as uow:
-            uow.accounts.lock([account])
-            assert advisory_locks(db, account, external) == 1
+        with ledger.unit_of_work().writing([(tenant, account)]) as uow:
+            uow.accounts.lock([(tenant, account)])
+            assert advisory_locks(db, tenant, account, external) == 1
             raise RuntimeError("the use case failed half-way")
 
     with pytest.raises(RuntimeError, match="half-way"):
         fail_half_way()
-    assert advisory_locks(db, account, external) == 0
+    assert advisory_locks(db, tenant, account, external) == 0
     # The pool's connections are clean: postings on the account still go through.
     assert credit(ledger, tenant, account, 5).status is OperationStatus.SUCCEEDED
     assert balance(ledger, tenant, account) == 15

@@ -27,14 +27,14 @@ from core.application.ports import (
     UnitOfWork,
 )
 from core.application.views import OperationResult, OperationStatus
-from core.domain.model import Account, Transaction
+from core.domain.model import Account, AccountKey, Transaction
 
 
 @dataclass
 class Books:
     """What the fake database holds; a unit of work edits a copy and swaps it in on commit."""
 
-    accounts: dict[UUID, Account] = field(default_factory=dict)
+    accounts: dict[AccountKey, Account] = field(default_factory=dict)
     transactions: list[tuple[Transaction, UUID]] = field(default_factory=list)
     keys: dict[tuple[str, str], tuple[str, OperationResult]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
@@ -44,18 +44,18 @@ class FakeAccounts(AccountRepository):
     def __init__(self, books: Books) -> None:
         self.books = books
 
-    def lock(self, ids: Collection[UUID]) -> dict[UUID, Account]:
-        return {i: a for i in sorted(ids) if (a := self.books.accounts.get(i))}
+    def lock(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
+        return {k: a for k in sorted(keys) if (a := self.books.accounts.get(k))}
 
     def add(self, accounts: Sequence[Account]) -> None:
         for account in accounts:
-            assert account.id not in self.books.accounts, "the use case adds only ids it locked free"
-            self.books.accounts[account.id] = account
+            assert account.key not in self.books.accounts, "the use case adds only ids it locked free"
+            self.books.accounts[account.key] = account
 
     def save(self, accounts: Sequence[Account]) -> None:
         for account in accounts:
-            assert account.id in self.books.accounts, "the use case saves only accounts it locked"
-            self.books.accounts[account.id] = account
+            assert account.key in self.books.accounts, "the use case saves only accounts it locked"
+            self.books.accounts[account.key] = account
 
 
 class FakeLedger(Ledger):

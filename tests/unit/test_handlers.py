@@ -35,8 +35,8 @@ def test_credit_creates_the_external_account_on_first_use_and_balances(books: Bo
     a = open_account(books)
     outcome = run(books, Credit("acme", a, Money.for_posting(500, "USD")), "c1")
     assert outcome.status is OperationStatus.SUCCEEDED
-    external = books.accounts[external_account_id("acme", "USD")]
-    assert (books.accounts[a].balance, external.balance) == (500, -500)
+    external = books.accounts[("acme", external_account_id("acme", "USD"))]
+    assert (books.accounts[("acme", a)].balance, external.balance) == (500, -500)
     assert [e.type for e in books.events] == ["account.created", "transaction.posted"]
 
 
@@ -67,7 +67,7 @@ def test_key_reused_for_another_request_changes_nothing(books: Books) -> None:
     run(books, Credit("acme", a, Money.for_posting(5, "USD")), "k")
     with pytest.raises(IdempotencyKeyReused):
         run(books, Debit("acme", a, Money.for_posting(5, "USD")), "k")
-    assert books.accounts[a].balance == 5
+    assert books.accounts[("acme", a)].balance == 5
 
 
 def record_pending(books: Books, command: Credit, key: str, operation_id: UUID) -> None:
@@ -102,4 +102,4 @@ def test_give_up_settles_pending_as_processing_failed_but_never_overrides_a_resu
         error=ProcessingFailed(),
     )
     assert kept.status is OperationStatus.SUCCEEDED
-    assert books.accounts[a].balance == 9
+    assert books.accounts[("acme", a)].balance == 9

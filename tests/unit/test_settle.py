@@ -55,7 +55,7 @@ def test_each_command_sees_what_the_earlier_ones_of_its_group_left(books: Books,
         OperationStatus.SUCCEEDED,
     ]
     assert uow.commits == 1
-    assert books.accounts[account].balance == 3
+    assert books.accounts[("acme", account)].balance == 3
     assert [tx.kind for tx, _ in books.transactions] == ["credit", "debit"]
 
 
@@ -74,7 +74,7 @@ def test_a_key_twice_in_a_group_settles_once_and_a_reused_key_is_refused_alone(b
     assert (again.operation_id, again.replayed, first.replayed) == (first.operation_id, True, False)
     assert isinstance(reused, IdempotencyKeyReused)
     assert isinstance(other, OperationResult) and other.status is OperationStatus.SUCCEEDED
-    assert books.accounts[account].balance == 5
+    assert books.accounts[("acme", account)].balance == 5
     assert len(books.transactions) == 2
 
 
@@ -108,7 +108,7 @@ def test_a_poison_command_is_split_off_and_the_rest_of_its_group_commits(books: 
     assert str(outcomes[5].error) == "poisoned posting"
     assert all(isinstance(o, OperationResult) and o.status is OperationStatus.SUCCEEDED for o in outcomes[:5])
     assert all(isinstance(o, OperationResult) and o.status is OperationStatus.SUCCEEDED for o in outcomes[6:])
-    assert books.accounts[account].balance == sum(range(1, 8))
+    assert books.accounts[("acme", account)].balance == sum(range(1, 8))
     assert ("acme", "bad") not in books.keys  # nothing of it was committed
     # Halves down to the poison alone: fewer commits than commands, more than one.
     assert 1 < sum(u.commits for u in uows) < len(group)

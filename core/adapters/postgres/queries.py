@@ -106,7 +106,8 @@ def keyset_page(
 # An account's posted balance at a moment: the `balance_after` of its last entry by then, one descent of
 # entries_account_time_idx (O(log n) however long the history). No entry by then: 0.
 BALANCE_AS_OF = (
-    "SELECT coalesce((SELECT e.balance_after FROM entries e WHERE e.account_id = a.id AND e.created_at <= %(at)s"
+    "SELECT coalesce((SELECT e.balance_after FROM entries e"
+    " WHERE e.tenant_id = a.tenant_id AND e.account_id = a.id AND e.created_at <= %(at)s"
     " ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1), 0)"
     " FROM accounts a WHERE a.id = %(account)s AND a.tenant_id = %(tenant)s"
 )
@@ -115,7 +116,7 @@ BALANCE_HISTORY = (
     "SELECT b.start, coalesce(last.balance_after, 0) FROM accounts a"
     " CROSS JOIN generate_series(date_trunc(%(unit)s, %(since)s::timestamptz, 'UTC'), %(until)s::timestamptz - interval"
     " '1 microsecond', ('1 ' || %(unit)s)::interval) AS b(start)"
-    " LEFT JOIN LATERAL (SELECT e.balance_after FROM entries e WHERE e.account_id = a.id"
+    " LEFT JOIN LATERAL (SELECT e.balance_after FROM entries e WHERE e.tenant_id = a.tenant_id AND e.account_id = a.id"
     "   AND e.created_at < b.start + ('1 ' || %(unit)s)::interval"
     "   ORDER BY e.created_at DESC, e.sequence DESC LIMIT 1) last ON true"
     " WHERE a.id = %(account)s AND a.tenant_id = %(tenant)s ORDER BY b.start"
@@ -155,7 +156,9 @@ def transactions_query(
 ) -> tuple[sql.Composed, dict[str, object]]:
     """A page of the tenant's transactions (ids and times), on `transactions_tenant_created_idx`, metadata on
     `transactions_metadata_idx`, an account's through `entries_account_time_idx`."""
-    by_account = "t.id IN (SELECT e.transaction_id FROM entries e WHERE e.account_id = %(account)s)"
+    by_account = (
+        "t.id IN (SELECT e.transaction_id FROM entries e WHERE e.tenant_id = %(tenant)s AND e.account_id = %(account)s)"
+    )
     return keyset_page(
         "SELECT t.id, t.created_at FROM transactions t WHERE",
         alias="t",
@@ -278,7 +281,7 @@ def entries_query(
         raise RequestInvalid(f"limit must be between 1 and {MAX_PAGE_SIZE}")
     if since and until and since >= until:
         raise RequestInvalid("'since' must be before 'until'")
-    conditions: list[sql.Composable] = [sql.SQL("e.account_id = %(account)s")]
+    conditions: list[sql.Composable] = [sql.SQL("e.tenant_id = %(tenant)s AND e.account_id = %(account)s")]
     params: dict[str, object] = {"account": account_id, "tenant": tenant_id, "limit": limit + 1}
     if since is not None:
         conditions.append(sql.SQL("e.created_at >= %(since)s"))

@@ -17,6 +17,7 @@ reached becomes `StoreUnavailable`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
@@ -47,23 +48,35 @@ from core.application.ports import (
 )
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import TransientConflict
-from core.domain.model import Account, AccountKind, AccountStatus, OverdraftPolicy
+from core.domain.model import Account, AccountKey, AccountKind, AccountStatus, OverdraftPolicy
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 ACCOUNT_COLUMNS = (
     "id, tenant_id, currency, kind, overdraft_limit, status, posted_balance, version, metadata, created_at"
 )
-# ORDER BY id: every transaction takes its row locks in the same global order, so A->B and B->A transfers
-# queue behind each other instead of deadlocking.
-# Whatever the tenant: the use case checks each account's owner, and a group may serve many tenants.
-LOCK_ACCOUNTS = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+# Accounts by their (tenant, id) keys, one primary-key probe each (a group may serve many tenants).
+# ORDER BY the key: every transaction takes its row locks in the same global order, so A->B and B->A
+# transfers queue behind each other instead of deadlocking (LockRows runs above the sort).
+LOCK_ACCOUNTS = (
+    f"SELECT {ACCOUNT_COLUMNS}"  # no column of k shares a name with one of accounts
+    " FROM json_to_recordset(%s::json) AS k(t text, i uuid) JOIN accounts a ON a.tenant_id = k.t AND a.id = k.i"
+    " ORDER BY a.tenant_id, a.id FOR UPDATE OF a"
+)
 
 
-def advisory_key(account_id: UUID) -> int:
-    """An account's session advisory lock key: its id's last 8 bytes as a signed bigint (random bits in
-    both uuid7 and uuid5 ids). Two accounts sharing a key merely queue behind each other."""
-    return int.from_bytes(account_id.bytes[8:], "big", signed=True)
+def keys_json(keys: Collection[AccountKey]) -> str:
+    """Account keys, sorted, as the JSON array LOCK_ACCOUNTS takes."""
+    return orjson.dumps([{"t": tenant, "i": account_id} for tenant, account_id in sorted(keys)]).decode()
+
+
+def advisory_key(key: AccountKey) -> int:
+    """An account's session advisory lock key: 8 bytes of a hash of its tenant and id, as a signed bigint.
+    The tenant is hashed in, so a tenant that picks another's account id does not queue behind its writers;
+    two accounts sharing a key (one chance in 2^64 per pair) merely queue behind each other."""
+    tenant, account_id = key
+    digest = hashlib.blake2b(account_id.bytes, digest_size=8, key=tenant.encode()).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def account_from_row(row: Sequence[Any]) -> Account:
@@ -79,6 +92,11 @@ def account_from_row(row: Sequence[Any]) -> Account:
         metadata=row[8],
         created_at=row[9],
     )
+
+
+def accounts_by_key(rows: Sequence[Sequence[Any]]) -> dict[AccountKey, Account]:
+    accounts = (account_from_row(row) for row in rows)
+    return {account.key: account for account in accounts}
 
 
 def operation_from_row(operation_id: UUID, status: str, response: dict[str, Any] | None) -> OperationResult:
@@ -117,15 +135,14 @@ class PostgresAccounts(AccountRepository):
     def __init__(self, conn: Connection[TupleRow], *, prelocked: Cursor[TupleRow] | None = None) -> None:
         self.conn = conn
         self._prelocked_cursor = prelocked  # the write set's rows, locked as the unit began
-        self._prelocked: dict[UUID, Account] | None = None
+        self._prelocked: dict[AccountKey, Account] | None = None
 
-    def lock(self, ids: Collection[UUID]) -> dict[UUID, Account]:
+    def lock(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
         if self._prelocked_cursor is not None:
             if self._prelocked is None:
-                self._prelocked = {row[0]: account_from_row(row) for row in self._prelocked_cursor.fetchall()}
-            return {i: self._prelocked[i] for i in ids if i in self._prelocked}
-        rows = self.conn.execute(LOCK_ACCOUNTS, (sorted(ids),)).fetchall()
-        return {row[0]: account_from_row(row) for row in rows}
+                self._prelocked = accounts_by_key(self._prelocked_cursor.fetchall())
+            return {k: self._prelocked[k] for k in keys if k in self._prelocked}
+        return accounts_by_key(self.conn.execute(LOCK_ACCOUNTS, (keys_json(keys),)).fetchall())
 
     def add(self, accounts: Sequence[Account]) -> None:
         self.conn.execute(
@@ -158,11 +175,14 @@ class PostgresAccounts(AccountRepository):
     def save(self, accounts: Sequence[Account]) -> None:
         self.conn.execute(
             "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, metadata = u.m, updated_at = now()"
-            " FROM json_to_recordset(%s::json) AS u(id uuid, b bigint, v bigint, s text, m jsonb)"
-            " WHERE accounts.id = u.id",
+            " FROM json_to_recordset(%s::json) AS u(t text, id uuid, b bigint, v bigint, s text, m jsonb)"
+            " WHERE accounts.tenant_id = u.t AND accounts.id = u.id",
             (
                 rows_json(
-                    [{"id": a.id, "b": a.balance, "v": a.version, "s": a.status, "m": a.metadata} for a in accounts]
+                    [
+                        {"t": a.tenant_id, "id": a.id, "b": a.balance, "v": a.version, "s": a.status, "m": a.metadata}
+                        for a in accounts
+                    ]
                 ),
             ),
         )
@@ -195,14 +215,16 @@ class PostgresLedger(Ledger):
             ),
         )
         cur.execute(
-            "INSERT INTO entries (transaction_id, account_id, sequence, amount, currency, balance_after, created_at)"
-            " SELECT x, a, s, m, c, b, at FROM json_to_recordset(%s::json)"
-            " AS u(x uuid, a uuid, s bigint, m bigint, c text, b bigint, at timestamptz)",
+            "INSERT INTO entries (transaction_id, tenant_id, account_id, sequence, amount, currency, balance_after,"
+            " created_at)"
+            " SELECT x, t, a, s, m, c, b, at FROM json_to_recordset(%s::json)"
+            " AS u(x uuid, t text, a uuid, s bigint, m bigint, c text, b bigint, at timestamptz)",
             (
                 rows_json(
                     [
                         {
                             "x": p.transaction.id,
+                            "t": p.transaction.tenant_id,
                             "a": e.account_id,
                             "s": e.sequence,
                             "m": e.amount,
@@ -356,7 +378,7 @@ class PostgresUnitOfWork(UnitOfWork):
             self._holds_advisory_locks = True  # before asking: a timeout on the second key keeps the first
             # One statement for the whole set; PostgreSQL evaluates a volatile target list after ORDER BY,
             # so the locks are taken in key order (the array is sorted too) and two units never deadlock.
-            keys = sorted({advisory_key(account_id) for account_id in write_set.account_ids})
+            keys = sorted({advisory_key(account) for account in write_set.accounts})
             try:
                 self.conn.execute("SELECT pg_advisory_lock(k) FROM unnest(%s::bigint[]) AS k ORDER BY k", (keys,))
             except psycopg.errors.QueryCanceled as exc:
@@ -378,7 +400,7 @@ class PostgresUnitOfWork(UnitOfWork):
         )
         if write_set is None:
             return None
-        return self.conn.execute(LOCK_ACCOUNTS, (sorted(write_set.account_ids),))
+        return self.conn.execute(LOCK_ACCOUNTS, (keys_json(write_set.accounts),))
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

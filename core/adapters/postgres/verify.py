@@ -27,9 +27,9 @@ CHECKS: dict[str, str] = {
         HAVING coalesce(sum(e.amount), 0) <> 0 OR count(e.*) < 2
     """,
     "every entry belongs to an existing transaction and account": """
-        SELECT e.account_id, e.sequence, e.transaction_id FROM entries e
+        SELECT e.tenant_id, e.account_id, e.sequence, e.transaction_id FROM entries e
         LEFT JOIN transactions t ON t.id = e.transaction_id
-        LEFT JOIN accounts a ON a.id = e.account_id
+        LEFT JOIN accounts a ON a.tenant_id = e.tenant_id AND a.id = e.account_id
         WHERE t.id IS NULL OR a.id IS NULL
     """,
     "a closed account holds nothing (it closes only at zero, and nothing posts to it after)": """
@@ -41,25 +41,25 @@ CHECKS: dict[str, str] = {
         WHERE o.id IS NULL
     """,
     "entries are in their account's currency and tenant": """
-        SELECT e.account_id, e.sequence, e.currency, a.currency
-        FROM entries e JOIN accounts a ON a.id = e.account_id
+        SELECT e.tenant_id, e.account_id, e.sequence, e.currency, a.currency
+        FROM entries e JOIN accounts a ON a.tenant_id = e.tenant_id AND a.id = e.account_id
         JOIN transactions t ON t.id = e.transaction_id
         WHERE e.currency <> a.currency OR t.tenant_id <> a.tenant_id
     """,
     "stored balance and version equal the sum and count of the account's entries": """
-        SELECT a.id, a.posted_balance, coalesce(s.total, 0), a.version, coalesce(s.n, 0)
+        SELECT a.tenant_id, a.id, a.posted_balance, coalesce(s.total, 0), a.version, coalesce(s.n, 0)
         FROM accounts a
-        LEFT JOIN (SELECT account_id, sum(amount) AS total, count(*) AS n, max(sequence) AS last
-                   FROM entries GROUP BY account_id) s ON s.account_id = a.id
+        LEFT JOIN (SELECT tenant_id, account_id, sum(amount) AS total, count(*) AS n, max(sequence) AS last
+                   FROM entries GROUP BY tenant_id, account_id) s ON s.tenant_id = a.tenant_id AND s.account_id = a.id
         WHERE a.posted_balance <> coalesce(s.total, 0) OR a.version <> coalesce(s.n, 0)
            OR a.version <> coalesce(s.last, 0)
     """,
     "balance_after chain: each entry's balance_after = previous + amount, sequence 1..n": """
-        SELECT account_id, sequence, balance_after, expected, prev_seq FROM (
-            SELECT account_id, sequence, balance_after,
+        SELECT tenant_id, account_id, sequence, balance_after, expected, prev_seq FROM (
+            SELECT tenant_id, account_id, sequence, balance_after,
                    sum(amount) OVER w AS expected,
                    lag(sequence, 1, 0::bigint) OVER w AS prev_seq
-            FROM entries WINDOW w AS (PARTITION BY account_id ORDER BY sequence)
+            FROM entries WINDOW w AS (PARTITION BY tenant_id, account_id ORDER BY sequence)
         ) c
         WHERE balance_after <> expected OR sequence <> prev_seq + 1
     """,
