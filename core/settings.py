@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     ingress_db_connections: PositiveInt = 4
     accept_group_max: PositiveInt = 256  # pending operations recorded by one statement and commit at most
     max_body_bytes: PositiveInt = 64 * 1024  # larger request bodies get 413
+    max_batch_body_bytes: PositiveInt = 1024 * 1024  # the same for a batch's (POST /v1/batches), up to 1,000 commands
     # A body still arriving after this long gets 408, so a client trickling bytes cannot hold a request (and its
     # memory) forever; seconds. nginx has its own, shorter per-read timeout in front.
     body_read_timeout_s: PositiveFloat = 10.0

@@ -111,7 +111,8 @@ def init_app(settings: Settings, *, node: str | None = None) -> web.Application:
     """node: how the audit trail names this node (default: host name and the configured port)."""
     install_problem_error_handler()  # requests aiohttp itself refuses get problem documents too
     app = web.Application(
-        middlewares=[request_context, record_requests, problems, authenticate], client_max_size=settings.max_body_bytes
+        middlewares=[request_context, record_requests, problems, authenticate],
+        client_max_size=max(settings.max_body_bytes, settings.max_batch_body_bytes),  # each route caps its own
     )
     app[INGRESS] = Ingress(
         settings,

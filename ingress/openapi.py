@@ -23,6 +23,7 @@ from pydantic.json_schema import models_json_schema
 from core.application.commands import IDEMPOTENCY_KEY_PATTERN
 from core.application.requests import (
     AccountMetadataBody,
+    BatchBody,
     CreateAccountBody,
     CreditBody,
     DebitBody,
@@ -191,6 +192,7 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/debits"): Operation("postings", COMMAND, body=DebitBody, command=True),
     ("POST", "/v1/transfers"): Operation("postings", COMMAND, body=TransferBody, command=True),
     ("POST", "/v1/transactions"): Operation("postings", COMMAND, body=TransactionBody, command=True),
+    ("POST", "/v1/batches"): Operation("postings", COMMAND, body=BatchBody, command=True),
     ("POST", "/v1/accounts/{account_id}/freeze"): Operation("accounts", COMMAND, command=True),
     ("POST", "/v1/accounts/{account_id}/unfreeze"): Operation("accounts", COMMAND, command=True),
     ("POST", "/v1/accounts/{account_id}/close"): Operation("accounts", COMMAND, command=True),

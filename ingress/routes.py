@@ -21,6 +21,7 @@ from core.application.requests import (
     AccountMetadataBody,
     AccountStatusBody,
     B,
+    BatchBody,
     Body,
     CreateAccountBody,
     CreditBody,
@@ -47,6 +48,7 @@ from core.domain.errors import (
     IdempotencyKeyMissing,
     NotFound,
     OperationNotFound,
+    PayloadTooLarge,
     RequestInvalid,
     RequestTimeout,
     ServiceUnavailable,
@@ -160,7 +162,13 @@ def operation_response(
     return response
 
 
-async def read_body(request: web.Request, model: type[B], *, timeout_s: float) -> B:
+async def read_body(request: web.Request, model: type[B]) -> B:
+    settings = request.app[INGRESS].settings
+    timeout_s = settings.body_read_timeout_s
+    # A batch may carry up to 1,000 commands; every other body is one command's.
+    limit = settings.max_batch_body_bytes if model is BatchBody else settings.max_body_bytes
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"the body exceeds {limit} bytes")
     if request.content_type not in ("application/json", "application/problem+json") and request.body_exists:
         raise UnsupportedMediaType(f"expected application/json, got {request.content_type}")
     encodings = request.headers.getall("Content-Encoding", [])
@@ -171,6 +179,8 @@ async def read_body(request: web.Request, model: type[B], *, timeout_s: float) -
         async with asyncio.timeout(timeout_s):  # a body trickled in byte by byte must not hold the request
             raw = await request.read()
         request[RAW_BODY] = raw  # for the audit trail, as received
+        if len(raw) > limit:  # sent without a length, or grown by its Content-Encoding
+            raise PayloadTooLarge(f"the body exceeds {limit} bytes")
     except web.RequestPayloadError:  # gzip/deflate that does not decode, or a body cut short
         raise RequestInvalid(
             "the body could not be read: it does not match its Content-Encoding or was cut short"
@@ -183,7 +193,7 @@ async def read_body(request: web.Request, model: type[B], *, timeout_s: float) -
 async def submit(request: web.Request, model: type[Body]) -> web.Response:
     """Queue the command the body describes."""
     key = idempotency_key_of(request)
-    body = await read_body(request, model, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+    body = await read_body(request, model)
     return await accept(request, body.to_command(request[TENANT]), key)
 
 
@@ -192,7 +202,7 @@ async def submit_status(request: web.Request, status: str) -> web.Response:
     key = idempotency_key_of(request)
     account_id = path_uuid(request, "account_id")
     if request.body_exists:
-        await read_body(request, EmptyBody, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+        await read_body(request, EmptyBody)
     body = AccountStatusBody(account_id=account_id, status=status)  # type: ignore[arg-type]
     return await accept(request, body.to_command(request[TENANT]), key)
 
@@ -201,7 +211,7 @@ async def submit_metadata_patch(request: web.Request) -> web.Response:
     """Queue a merge patch of the path's account's metadata."""
     key = idempotency_key_of(request)
     account_id = path_uuid(request, "account_id")
-    body = await read_body(request, MetadataPatchBody, timeout_s=request.app[INGRESS].settings.body_read_timeout_s)
+    body = await read_body(request, MetadataPatchBody)
     patch = AccountMetadataBody(account_id=account_id, metadata=body.metadata)
     return await accept(request, patch.to_command(request[TENANT]), key)
 
@@ -273,6 +283,11 @@ async def create_transfer(request: web.Request) -> web.Response:
 @routes.post("/v1/transactions")
 async def create_transaction(request: web.Request) -> web.Response:
     return await submit(request, TransactionBody)
+
+
+@routes.post("/v1/batches")
+async def create_batch(request: web.Request) -> web.Response:
+    return await submit(request, BatchBody)
 
 
 @routes.post("/v1/accounts/{account_id}/freeze")

@@ -204,10 +204,48 @@ class PostTransaction(Command):
         }
 
 
+# Commands one batch may carry at most.
+MAX_BATCH_ITEMS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Batch(Command):
+    """Up to MAX_BATCH_ITEMS independent commands of one tenant under one idempotency key. Each item settles on
+    its own, succeeding or failing as it would alone, in the order given; the batch's operation holds every
+    item's outcome. All items settle in the same commit, so a batch costs one commit however long it is."""
+
+    type: ClassVar[str] = "batch"
+    items: tuple[Command, ...]
+
+    def __post_init__(self) -> None:
+        super(Batch, self).__post_init__()
+        if not 1 <= len(self.items) <= MAX_BATCH_ITEMS:
+            raise ValidationFailed(f"a batch holds 1 to {MAX_BATCH_ITEMS} commands")
+        for index, item in enumerate(self.items):
+            if type(item) not in BATCH_ITEM_TYPES:
+                raise ValidationFailed(f"item {index}: a batch cannot carry a {item.type!r} command", item=index)
+            if item.tenant_id != self.tenant_id:
+                raise ValidationFailed(f"item {index}: every item is the batch's tenant's", item=index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "tenant_id": self.tenant_id, "items": [item.to_json() for item in self.items]}
+
+
 PostingCommand = Credit | Debit | Transfer | PostTransaction
+# What a batch may carry: the commands that create accounts and move money.
+BATCH_ITEM_TYPES: frozenset[type[Command]] = frozenset({CreateAccount, Credit, Debit, Transfer, PostTransaction})
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.type: cls
-    for cls in (CreateAccount, Credit, Debit, Transfer, ChangeAccountStatus, UpdateAccountMetadata, PostTransaction)
+    for cls in (
+        CreateAccount,
+        Credit,
+        Debit,
+        Transfer,
+        ChangeAccountStatus,
+        UpdateAccountMetadata,
+        PostTransaction,
+        Batch,
+    )
 }
 
 
@@ -216,6 +254,8 @@ def command_from_json(body: dict[str, Any]) -> Command:
     try:
         data = dict(body)
         cls = COMMAND_TYPES[data.pop("type")]
+        if cls is Batch:
+            return Batch(data["tenant_id"], tuple(command_from_json(item) for item in data["items"]))
         if "amount" in data:
             data["amount"] = Money.for_posting(data.pop("amount"), data.pop("currency"))
         if "overdraft_limit" in data:

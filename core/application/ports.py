@@ -86,6 +86,7 @@ class Posting:
 
     transaction: Transaction
     operation_id: UUID
+    batch_item: int | None = None  # its index in the batch, when the operation is one
 
 
 @dataclass(frozen=True, slots=True)

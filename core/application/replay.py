@@ -24,7 +24,14 @@ from core.domain.errors import LedgerError, ProcessingFailed
 
 # Records that end an operation, and so carry its request and outcome.
 OUTCOME_KINDS = frozenset(
-    {"account.created", "account.status_changed", "transaction.posted", "transaction.rejected", "command.rejected"}
+    {
+        "account.created",
+        "account.status_changed",
+        "transaction.posted",
+        "transaction.rejected",
+        "command.rejected",
+        "batch.settled",
+    }
 )
 # Operations settled in one group at most while replaying.
 GROUP_SIZE = 256
@@ -61,16 +68,20 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
         tenant_id = record.tenant_id
         if record.kind not in OUTCOME_KINDS or record.position is None or tenant_id is None:
             continue
-        if "request" not in document:
+        if "request" not in document:  # a batch's item: its batch's record holds the request and outcome
             continue
         request: dict[str, Any] = dict(document["request"])
         if record.kind == "account.created":
             request["account_id"] = document["account"]["id"]  # the id it was given, however it was chosen
+        if record.kind == "batch.settled":
+            request["items"] = [
+                {**item, "account_id": outcome["result"]["account"]["id"]}
+                if item["type"] == "create_account" and outcome["status"] == "succeeded"
+                else item
+                for item, outcome in zip(request["items"], document["items"], strict=True)
+            ]
         problem = document.get("problem")
-        entries = tuple(
-            (str(e["account_id"]), int(e["amount"]), int(e["balance_after"]))
-            for e in document.get("transaction", {}).get("entries", [])
-        )
+        entries = posted_entries(document)
         operation_id = str(document["operation_id"])
         found.setdefault(
             operation_id,
@@ -135,9 +146,16 @@ def _compare(recorded: Recorded, outcome: Outcome, report: ReplayReport) -> None
         report.mismatches.append(f"{where}: {outcome.status} {code or ''} where the trail says {recorded_as}")
         return
     if recorded.entries and outcome.result is not None:
-        replayed = tuple(
-            (str(e["account_id"]), int(e["amount"]), int(e["balance_after"]))
-            for e in outcome.result["transaction"]["entries"]
-        )
+        replayed = posted_entries(outcome.result)
         if sorted(replayed) != sorted(recorded.entries):
             report.mismatches.append(f"{where}: entries {replayed} where the trail says {recorded.entries}")
+
+
+def posted_entries(result: dict[str, Any]) -> tuple[tuple[str, int, int], ...]:
+    """(account id, amount, balance after) of every entry an outcome posted, a batch's items' included."""
+    results = [item.get("result") or {} for item in result["items"]] if "items" in result else [result]
+    return tuple(
+        (str(e["account_id"]), int(e["amount"]), int(e["balance_after"]))
+        for one in results
+        for e in one.get("transaction", {}).get("entries", [])
+    )

@@ -7,13 +7,15 @@ known currency, metadata size...) are the domain's, so HTTP and AMQP reject the 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.application.commands import (
+    MAX_BATCH_ITEMS,
     MAX_LEGS,
+    Batch,
     ChangeAccountStatus,
     Command,
     CreateAccount,
@@ -24,7 +26,7 @@ from core.application.commands import (
     Transfer,
     UpdateAccountMetadata,
 )
-from core.domain.errors import RequestInvalid, ValidationFailed
+from core.domain.errors import LedgerError, RequestInvalid, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy
 from core.domain.money import Money
 
@@ -120,6 +122,49 @@ class EmptyBody(Body):
     """What a POST whose path says it all may carry: nothing, or `{}`."""
 
 
+# A batch's items: each command's own body, named by its command type.
+class BatchCreateAccount(CreateAccountBody):
+    type: Literal["create_account"]
+
+
+class BatchCredit(CreditBody):
+    type: Literal["credit"]
+
+
+class BatchDebit(DebitBody):
+    type: Literal["debit"]
+
+
+class BatchTransfer(TransferBody):
+    type: Literal["transfer"]
+
+
+class BatchTransaction(TransactionBody):
+    type: Literal["post_transaction"]
+
+
+BatchItem = Annotated[
+    BatchCreateAccount | BatchCredit | BatchDebit | BatchTransfer | BatchTransaction, Field(discriminator="type")
+]
+
+
+class BatchBody(Body):
+    """`POST /v1/batches`: up to MAX_BATCH_ITEMS independent commands under one idempotency key, each settling
+    on its own. An item that fails validation fails the whole request (422, with its index as `item`)."""
+
+    items: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+    def to_command(self, tenant_id: str) -> Command:
+        commands = []
+        for index, item in enumerate(self.items):
+            try:
+                commands.append(item.to_command(tenant_id))
+            except LedgerError as error:
+                error.extensions.setdefault("item", index)
+                raise
+        return Batch(tenant_id, tuple(commands))
+
+
 # Body of each command a client may send, by command type (HTTP route and AMQP routing key alike).
 BODIES: dict[str, type[Body]] = {
     CreateAccount.type: CreateAccountBody,
@@ -129,6 +174,7 @@ BODIES: dict[str, type[Body]] = {
     ChangeAccountStatus.type: AccountStatusBody,
     UpdateAccountMetadata.type: AccountMetadataBody,
     PostTransaction.type: TransactionBody,
+    Batch.type: BatchBody,
 }
 
 

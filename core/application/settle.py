@@ -18,6 +18,7 @@ from uuid import UUID
 import structlog
 
 from core.application.commands import (
+    Batch,
     ChangeAccountStatus,
     Command,
     CreateAccount,
@@ -108,7 +109,9 @@ def written_accounts(commands: Iterable[Command]) -> set[AccountKey]:
     """The accounts commands may lock and write (a client-chosen new id included), known before they run."""
     keys: set[AccountKey] = set()
     for command in commands:
-        if isinstance(command, PostingCommand):
+        if isinstance(command, Batch):
+            keys.update(written_accounts(command.items))
+        elif isinstance(command, PostingCommand):
             keys.update((command.tenant_id, account_id) for account_id, _, _ in legs_of(command)[1])
         elif isinstance(command, ChangeAccountStatus | UpdateAccountMetadata | CreateAccount) and command.account_id:
             keys.add((command.tenant_id, command.account_id))
@@ -139,10 +142,18 @@ class Operation:
     id: UUID
     idempotency_key: str
     request: dict[str, Any]  # the command's JSON form, as claimed
+    batch_item: int | None = None  # an item of a batch: its index there
 
     def event(self, event_type: str, tenant_id: str, payload: dict[str, Any], now: datetime) -> Event:
-        context = {"operation_id": str(self.id), "idempotency_key": self.idempotency_key, "request": self.request}
+        context: dict[str, Any] = {"operation_id": str(self.id), "idempotency_key": self.idempotency_key}
+        if self.batch_item is None:
+            context["request"] = self.request
+        else:  # the batch's own event carries the request, once, and not each of its up to 1,000 items
+            context["batch_item"] = self.batch_item
         return Event(event_type, tenant_id, {**context, **payload}, now)
+
+    def item(self, index: int) -> Operation:
+        return Operation(self.id, self.idempotency_key, self.request, index)
 
 
 def rejected_event(command: Command, operation: Operation, error: LedgerError, now: datetime) -> Event:
@@ -165,7 +176,9 @@ class _Books:
     def settle(self, command: Command, operation: Operation) -> OperationResult:
         operation_id = operation.id
         try:
-            if isinstance(command, CreateAccount):
+            if isinstance(command, Batch):
+                result = self._batch(command, operation)
+            elif isinstance(command, CreateAccount):
                 result = self._create_account(command, operation)
             elif isinstance(command, PostingCommand):
                 result = self._post(command, operation)
@@ -220,6 +233,16 @@ class _Books:
                 f"account {account_id} holds {account.currency}, not {currency}", account_id=str(account_id)
             )
         return account
+
+    def _batch(self, command: Batch, operation: Operation) -> dict[str, object]:
+        """Each item on its own, in order: one refused leaves the others as they would be without it."""
+        items = []
+        for index, item in enumerate(command.items):
+            outcome = self.settle(item, operation.item(index))
+            items.append({"status": str(outcome.status), **(outcome.outcome_json() or {})})
+        # The operation's snapshot: the request and every item's outcome.
+        self.events.append(operation.event("batch.settled", command.tenant_id, {"items": items}, self.now))
+        return {"items": items}
 
     def _create_account(self, command: CreateAccount, operation: Operation) -> dict[str, object]:
         if command.account_id is not None and (command.tenant_id, command.account_id) in self.accounts:
@@ -290,7 +313,7 @@ class _Books:
             raise
         for account in touched:
             self._touch(account)
-        self.postings.append(Posting(transaction, operation.id))
+        self.postings.append(Posting(transaction, operation.id, operation.batch_item))
         result: dict[str, object] = {
             "transaction": transaction_json(transaction),
             "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],

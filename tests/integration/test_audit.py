@@ -25,7 +25,7 @@ from core.adapters.mongo.audit import COLLECTION
 from core.adapters.postgres.api_keys import create_api_key
 from core.adapters.postgres.webhook_worker import fan_out
 from core.adapters.rabbitmq.trail import AmqpRequestTrail
-from core.application.commands import Credit, Transfer
+from core.application.commands import Batch, CreateAccount, Credit, Debit, Transfer
 from core.application.ports import ReceivedRequest
 from core.application.webhooks import EventFilter
 from core.bootstrap import LedgerService, bootstrap
@@ -252,6 +252,19 @@ def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and
         with relay(own, "replay-relay"), audit_consumer(own, "replay-audit"):
             accounts: list[object] = [open_account(ledger, tenant, overdraft=n * 100) for n in range(4)]
             post_some(ledger, tenant, accounts, 120)  # credits, and a transfer refused for funds
+            chosen = uuid.uuid4()
+            usd = lambda amount: Money.for_posting(amount, "USD")  # noqa: E731
+            batch = Batch(
+                tenant,
+                (
+                    CreateAccount(tenant, "USD"),  # an id the ledger picks: replay must give it the same
+                    CreateAccount(tenant, "USD", account_id=chosen),
+                    Credit(tenant, chosen, usd(500)),
+                    Transfer(tenant, chosen, accounts[0], usd(200)),  # type: ignore[arg-type]
+                    Debit(tenant, chosen, usd(10_000)),  # refused for funds
+                ),
+            )
+            assert ledger.execute(batch, idempotency_key=key()).status == "succeeded"
             items = [
                 (Transfer(tenant, accounts[i % 4], accounts[(i + 1) % 4], Money.for_posting(37 * i + 1, "USD")), key())
                 for i in range(150)

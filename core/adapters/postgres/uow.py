@@ -195,9 +195,9 @@ class PostgresLedger(Ledger):
     def append(self, postings: Sequence[Posting]) -> None:
         cur = self.conn.cursor()
         cur.execute(
-            "INSERT INTO transactions (id, tenant_id, kind, operation_id, metadata, created_at)"
-            " SELECT id, t, k, o, m, at"
-            " FROM json_to_recordset(%s::json) AS u(id uuid, t text, k text, o uuid, m jsonb, at timestamptz)",
+            "INSERT INTO transactions (id, tenant_id, kind, operation_id, batch_item, metadata, created_at)"
+            " SELECT id, t, k, o, i, m, at FROM json_to_recordset(%s::json)"
+            " AS u(id uuid, t text, k text, o uuid, i integer, m jsonb, at timestamptz)",
             (
                 rows_json(
                     [
@@ -206,6 +206,7 @@ class PostgresLedger(Ledger):
                             "t": p.transaction.tenant_id,
                             "k": p.transaction.kind,
                             "o": p.operation_id,
+                            "i": p.batch_item,
                             "m": p.transaction.metadata,
                             "at": p.transaction.created_at,
                         }
