@@ -28,6 +28,7 @@ from core.application.requests import (
     CreditBody,
     DebitBody,
     MetadataPatchBody,
+    ReversalBody,
     TransactionBody,
     TransferBody,
 )
@@ -193,6 +194,9 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/transfers"): Operation("postings", COMMAND, body=TransferBody, command=True),
     ("POST", "/v1/transactions"): Operation("postings", COMMAND, body=TransactionBody, command=True),
     ("POST", "/v1/batches"): Operation("postings", COMMAND, body=BatchBody, command=True),
+    ("POST", "/v1/transactions/{transaction_id}/reverse"): Operation(
+        "postings", COMMAND, body=ReversalBody, command=True
+    ),
     ("POST", "/v1/accounts/{account_id}/freeze"): Operation("accounts", COMMAND, command=True),
     ("POST", "/v1/accounts/{account_id}/unfreeze"): Operation("accounts", COMMAND, command=True),
     ("POST", "/v1/accounts/{account_id}/close"): Operation("accounts", COMMAND, command=True),

@@ -28,6 +28,8 @@ from core.application.requests import (
     DebitBody,
     EmptyBody,
     MetadataPatchBody,
+    ReversalBody,
+    ReverseTransactionBody,
     TransactionBody,
     TransferBody,
     parse_body,
@@ -283,6 +285,15 @@ async def create_transfer(request: web.Request) -> web.Response:
 @routes.post("/v1/transactions")
 async def create_transaction(request: web.Request) -> web.Response:
     return await submit(request, TransactionBody)
+
+
+@routes.post("/v1/transactions/{transaction_id}/reverse")
+async def reverse_transaction(request: web.Request) -> web.Response:
+    key = idempotency_key_of(request)
+    transaction_id = path_uuid(request, "transaction_id")
+    body = await read_body(request, ReversalBody) if request.body_exists else ReversalBody()
+    reversal = ReverseTransactionBody(transaction_id=transaction_id, amount=body.amount, metadata=body.metadata)
+    return await accept(request, reversal.to_command(request[TENANT]), key)
 
 
 @routes.post("/v1/batches")

@@ -204,6 +204,23 @@ class PostTransaction(Command):
         }
 
 
+@dataclass(frozen=True, slots=True)
+class ReverseTransaction(Command):
+    """Post the mirror of one of the tenant's transactions, linked to it: all of what is left of it, or `amount`
+    of it (a two-entry transaction only). Reversals of one transaction never move more than it did."""
+
+    type: ClassVar[str] = "reverse_transaction"
+    transaction_id: UUID
+    amount: int | None = None  # minor units; None: all that is left
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(ReverseTransaction, self).__post_init__()
+        validate_metadata(self.metadata)
+        if self.amount is not None and (type(self.amount) is not int or not 0 < self.amount <= MAX_POSTING_AMOUNT):
+            raise AmountInvalid(f"an amount is an integer from 1 to {MAX_POSTING_AMOUNT} minor units")
+
+
 # Commands one batch may carry at most.
 MAX_BATCH_ITEMS = 1000
 
@@ -233,7 +250,9 @@ class Batch(Command):
 
 PostingCommand = Credit | Debit | Transfer | PostTransaction
 # What a batch may carry: the commands that create accounts and move money.
-BATCH_ITEM_TYPES: frozenset[type[Command]] = frozenset({CreateAccount, Credit, Debit, Transfer, PostTransaction})
+BATCH_ITEM_TYPES: frozenset[type[Command]] = frozenset(
+    {CreateAccount, Credit, Debit, Transfer, PostTransaction, ReverseTransaction}
+)
 COMMAND_TYPES: dict[str, type[Command]] = {
     cls.type: cls
     for cls in (
@@ -244,6 +263,7 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         ChangeAccountStatus,
         UpdateAccountMetadata,
         PostTransaction,
+        ReverseTransaction,
         Batch,
     )
 }
@@ -256,13 +276,13 @@ def command_from_json(body: dict[str, Any]) -> Command:
         cls = COMMAND_TYPES[data.pop("type")]
         if cls is Batch:
             return Batch(data["tenant_id"], tuple(command_from_json(item) for item in data["items"]))
-        if "amount" in data:
+        if "amount" in data and "currency" in data:  # money; a reversal's amount is in its original's currency
             data["amount"] = Money.for_posting(data.pop("amount"), data.pop("currency"))
         if "overdraft_limit" in data:
             data["overdraft"] = OverdraftPolicy(data.pop("overdraft_limit"))
         if "legs" in data:
             data["legs"] = tuple(Leg(UUID(leg["account_id"]), leg["amount"], leg["currency"]) for leg in data["legs"])
-        for name in ("account_id", "source_id", "destination_id"):
+        for name in ("account_id", "source_id", "destination_id", "transaction_id"):
             if data.get(name) is not None:
                 data[name] = UUID(data[name])
         if "status" in data:

@@ -114,10 +114,19 @@ class AccountRepository(abc.ABC):
         """Store the balance, version and status of locked accounts."""
 
 
+# A transaction by its full name: (tenant, id).
+TransactionKey = tuple[str, UUID]
+
+
 class Ledger(abc.ABC):
     @abc.abstractmethod
     def append(self, postings: Sequence[Posting]) -> None:
         """Insert the transactions and their entries."""
+
+    @abc.abstractmethod
+    def reversed_amounts(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, int]:
+        """What the reversals of each transaction moved so far (`Transaction.amount_moved`); absent: none. Read
+        inside the unit, after its locks, so a reversal committed just before is counted."""
 
 
 class IdempotencyStore(abc.ABC):
@@ -275,6 +284,11 @@ class UnitOfWork(abc.ABC):
         """
         self.write_set = WriteSet(frozenset(accounts)) if accounts else None
         return self
+
+    @abc.abstractmethod
+    def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:
+        """Posted transactions with their entries, read before the unit begins (posted transactions never
+        change), so that the accounts a reversal writes are known before its locks are taken."""
 
     def __enter__(self) -> Self:
         return self

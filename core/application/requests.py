@@ -23,6 +23,7 @@ from core.application.commands import (
     Debit,
     Leg,
     PostTransaction,
+    ReverseTransaction,
     Transfer,
     UpdateAccountMetadata,
 )
@@ -92,6 +93,22 @@ class TransactionBody(Body):
         return PostTransaction(tenant_id, legs, self.metadata)
 
 
+class ReversalBody(Body):
+    """`POST /v1/transactions/{id}/reverse`: the transaction is the path's. No amount: all that is left of it."""
+
+    amount: int | None = None  # minor units, in the original's currency; two-entry transactions only
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReverseTransactionBody(ReversalBody):
+    """A reversal over AMQP or in a batch, naming its transaction."""
+
+    transaction_id: UUID
+
+    def to_command(self, tenant_id: str) -> Command:
+        return ReverseTransaction(tenant_id, self.transaction_id, self.amount, self.metadata)
+
+
 class AccountStatusBody(Body):
     """Freeze (no posting either way), unfreeze (`open`) or close (for good; only at a zero balance)."""
 
@@ -143,8 +160,13 @@ class BatchTransaction(TransactionBody):
     type: Literal["post_transaction"]
 
 
+class BatchReversal(ReverseTransactionBody):
+    type: Literal["reverse_transaction"]
+
+
 BatchItem = Annotated[
-    BatchCreateAccount | BatchCredit | BatchDebit | BatchTransfer | BatchTransaction, Field(discriminator="type")
+    BatchCreateAccount | BatchCredit | BatchDebit | BatchTransfer | BatchTransaction | BatchReversal,
+    Field(discriminator="type"),
 ]
 
 
@@ -174,6 +196,7 @@ BODIES: dict[str, type[Body]] = {
     ChangeAccountStatus.type: AccountStatusBody,
     UpdateAccountMetadata.type: AccountMetadataBody,
     PostTransaction.type: TransactionBody,
+    ReverseTransaction.type: ReverseTransactionBody,
     Batch.type: BatchBody,
 }
 

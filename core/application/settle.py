@@ -9,7 +9,7 @@ the unit commits once. A group of one is the synchronous path; the workers hand 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +26,10 @@ from core.application.commands import (
     Debit,
     PostingCommand,
     PostTransaction,
+    ReverseTransaction,
     UpdateAccountMetadata,
 )
-from core.application.ports import Claim, Completion, Event, Posting, Submission, UnitOfWork
+from core.application.ports import Claim, Completion, Event, Posting, Submission, TransactionKey, UnitOfWork
 from core.application.views import OperationResult, account_json, transaction_json
 from core.domain.errors import (
     AccountExists,
@@ -36,9 +37,19 @@ from core.domain.errors import (
     CurrencyMismatch,
     IdempotencyKeyReused,
     LedgerError,
+    TransactionNotFound,
 )
 from core.domain.ids import external_account_id, new_id
-from core.domain.model import Account, AccountKey, AccountKind, OverdraftPolicy, TransactionKind, post_legs
+from core.domain.model import (
+    Account,
+    AccountKey,
+    AccountKind,
+    OverdraftPolicy,
+    Transaction,
+    TransactionKind,
+    post_legs,
+    reversal_legs,
+)
 
 Clock = Callable[[], datetime]
 log = structlog.get_logger(__name__)
@@ -72,10 +83,18 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
             claims[(command.tenant_id, key)] = Claim(
                 command.tenant_id, key, fingerprints[-1], submission.operation_id, command.type, body
             )
-    with uow.writing(written_accounts(s.command for s in submissions)):
+    commands = [s.command for s in submissions]
+    reversed_keys = {
+        (c.tenant_id, c.transaction_id) for c in each_command(commands) if isinstance(c, ReverseTransaction)
+    }
+    originals = uow.find_transactions(reversed_keys) if reversed_keys else {}
+    with uow.writing(written_accounts(commands, originals)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
         books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock())
+        if originals:
+            books.originals = originals
+            books.reversed = uow.ledger.reversed_amounts(list(originals))
         answers: list[Settled] = []
         completions: list[Completion] = []
         for submission, fingerprint, body in zip(submissions, fingerprints, bodies, strict=True):
@@ -105,12 +124,24 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     return answers
 
 
-def written_accounts(commands: Iterable[Command]) -> set[AccountKey]:
-    """The accounts commands may lock and write (a client-chosen new id included), known before they run."""
-    keys: set[AccountKey] = set()
+def each_command(commands: Iterable[Command]) -> Iterable[Command]:
+    """The commands, a batch's items in its place."""
     for command in commands:
         if isinstance(command, Batch):
-            keys.update(written_accounts(command.items))
+            yield from command.items
+        else:
+            yield command
+
+
+def written_accounts(commands: Iterable[Command], originals: Mapping[TransactionKey, Transaction]) -> set[AccountKey]:
+    """The accounts commands may lock and write (a client-chosen new id included), known before they run; a
+    reversal writes the accounts of its original, if it exists."""
+    keys: set[AccountKey] = set()
+    for command in each_command(commands):
+        if isinstance(command, ReverseTransaction):
+            original = originals.get((command.tenant_id, command.transaction_id))
+            if original is not None:
+                keys.update((command.tenant_id, e.account_id) for e in original.entries)
         elif isinstance(command, PostingCommand):
             keys.update((command.tenant_id, account_id) for account_id, _, _ in legs_of(command)[1])
         elif isinstance(command, ChangeAccountStatus | UpdateAccountMetadata | CreateAccount) and command.account_id:
@@ -172,6 +203,8 @@ class _Books:
         self.changed: dict[AccountKey, Account] = {}  # existing rows whose balance or status changed
         self.postings: list[Posting] = []
         self.events: list[Event] = []
+        self.originals: Mapping[TransactionKey, Transaction] = {}  # the transactions the group reverses
+        self.reversed: dict[TransactionKey, int] = {}  # what their reversals moved so far, this group's included
 
     def settle(self, command: Command, operation: Operation) -> OperationResult:
         operation_id = operation.id
@@ -182,6 +215,8 @@ class _Books:
                 result = self._create_account(command, operation)
             elif isinstance(command, PostingCommand):
                 result = self._post(command, operation)
+            elif isinstance(command, ReverseTransaction):
+                result = self._reverse(command, operation)
             elif isinstance(command, ChangeAccountStatus):
                 result = self._change_status(command, operation)
             elif isinstance(command, UpdateAccountMetadata):
@@ -311,6 +346,37 @@ class _Books:
             if kind is TransactionKind.MULTI_LEG and failed is not None:
                 error.extensions.setdefault("leg", [str(leg[0]) for leg in legs].index(failed))
             raise
+        return self._posted(transaction, touched, operation)
+
+    def _reverse(self, command: ReverseTransaction, operation: Operation) -> dict[str, object]:
+        tenant, key = command.tenant_id, (command.tenant_id, command.transaction_id)
+        original = self.originals.get(key)
+        if original is None:
+            raise TransactionNotFound(
+                f"transaction {command.transaction_id} does not exist", transaction_id=str(command.transaction_id)
+            )
+        legs = reversal_legs(original, amount=command.amount, reversed_so_far=self.reversed.get(key, 0))
+        # A credit or a debit moved money across the ledger's edge: its reversal moves it back through the same
+        # external account.
+        edge = original.kind in (TransactionKind.CREDIT, TransactionKind.DEBIT)
+        touched = [
+            self._leg_account(tenant, account_id, currency, external_account_id(tenant, currency) if edge else None)
+            for account_id, _, currency in legs
+        ]
+        transaction = post_legs(
+            transaction_id=new_id(),
+            tenant_id=tenant,
+            kind=TransactionKind.REVERSAL,
+            legs=[(account, amount) for account, (_, amount, _) in zip(touched, legs, strict=True)],
+            metadata=command.metadata,
+            created_at=self.now,
+            reverses=original.id,
+        )
+        self.reversed[key] = self.reversed.get(key, 0) + transaction.amount_moved
+        return self._posted(transaction, touched, operation)
+
+    def _posted(self, transaction: Transaction, touched: list[Account], operation: Operation) -> dict[str, object]:
+        """Record a transaction posted on `touched`, and its event; the operation's result."""
         for account in touched:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id, operation.batch_item))
@@ -319,5 +385,5 @@ class _Books:
             "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
         }
         # The event is the operation's snapshot: the transaction, its entries and the balances they left.
-        self.events.append(operation.event("transaction.posted", tenant, result, self.now))
+        self.events.append(operation.event("transaction.posted", transaction.tenant_id, result, self.now))
         return result

@@ -93,6 +93,7 @@ def transaction_json(tx: Transaction) -> dict[str, Any]:
     return {
         "id": str(tx.id),
         "kind": str(tx.kind),
+        "reverses": None if tx.reverses is None else str(tx.reverses),
         "created_at": iso(tx.created_at),
         "metadata": dict(tx.metadata),
         "entries": [

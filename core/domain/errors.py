@@ -135,6 +135,19 @@ class TransactionNotFound(LedgerError):
     code, title, status = "transaction-not-found", "The transaction does not exist", 404
 
 
+class TransactionNotReversible(LedgerError):
+    """A reversal cannot be reversed (post the original again instead), and a transaction of more than two
+    entries is reversed in full or not at all."""
+
+    code, title, status = "transaction-not-reversible", "The transaction cannot be reversed this way", 422
+
+
+class ReversalExceedsOriginal(LedgerError):
+    """What all reversals of a transaction move, together, is at most what it moved."""
+
+    code, title, status = "reversal-exceeds-original", "The reversal exceeds what is left to reverse", 422
+
+
 # --- webhooks ---------------------------------------------------------------------------------------------
 class WebhookUrlInvalid(LedgerError):
     code, title, status = "webhook-url-invalid", "The webhook url is not an acceptable http(s) url", 422

@@ -21,6 +21,8 @@ from core.domain.errors import (
     LedgerError,
     MetadataInvalid,
     RequestInvalid,
+    ReversalExceedsOriginal,
+    TransactionNotReversible,
     ValidationFailed,
 )
 from core.domain.money import MAX_BALANCE, validate_currency
@@ -50,6 +52,7 @@ class TransactionKind(enum.StrEnum):
     DEBIT = "debit"
     TRANSFER = "transfer"
     MULTI_LEG = "multi_leg"
+    REVERSAL = "reversal"
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -220,8 +223,16 @@ class Transaction:
     entries: tuple[Entry, ...]
     metadata: Mapping[str, Any]
     created_at: datetime
+    reverses: UUID | None = None  # a reversal: the transaction it mirrors
+
+    @property
+    def amount_moved(self) -> int:
+        """The sum of its credits (equal to its debits), in minor units: what reversing it in full moves."""
+        return sum(entry.amount for entry in self.entries if entry.amount > 0)
 
     def __post_init__(self) -> None:
+        if (self.kind is TransactionKind.REVERSAL) != (self.reverses is not None):
+            raise LedgerError("a reversal, and only a reversal, names the transaction it reverses")
         if len(self.entries) < 2:
             raise LedgerError("a transaction needs at least two entries")
         totals: dict[str, int] = defaultdict(int)
@@ -241,6 +252,7 @@ def post_legs(
     legs: Sequence[tuple[Account, int]],
     metadata: Mapping[str, Any],
     created_at: datetime,
+    reverses: UUID | None = None,
 ) -> Transaction:
     """Post signed legs against accounts already locked by the caller; all or nothing.
 
@@ -250,8 +262,36 @@ def post_legs(
     snapshot = [(account, account.balance, account.version) for account, _ in legs]
     try:
         entries = tuple(account.post(amount) for account, amount in sorted(legs, key=lambda leg: leg[1]))
-        return Transaction(transaction_id, tenant_id, kind, entries, metadata, created_at)
+        return Transaction(transaction_id, tenant_id, kind, entries, metadata, created_at, reverses)
     except LedgerError:
         for account, balance, version in snapshot:
             account.balance, account.version = balance, version
         raise
+
+
+def reversal_legs(original: Transaction, *, amount: int | None, reversed_so_far: int) -> list[tuple[UUID, int, str]]:
+    """Signed legs (account, amount, currency) that reverse `original`: all of what is left of it when `amount`
+    is None, else `amount` of it. `reversed_so_far` is what earlier reversals of it moved (`amount_moved`).
+
+    A two-entry transaction (a credit, a debit, a transfer) may be reversed in parts, each mirroring both
+    entries for its amount; a larger one only in full, at once. Reversals never move more, together, than the
+    original did."""
+    if original.kind is TransactionKind.REVERSAL:
+        raise TransactionNotReversible(
+            f"transaction {original.id} is a reversal; post the original again instead", transaction_id=str(original.id)
+        )
+    left = original.amount_moved - reversed_so_far
+    if amount is None:
+        amount = left
+    if left == 0 or amount > left:
+        raise ReversalExceedsOriginal(
+            f"transaction {original.id} has {left} left to reverse", transaction_id=str(original.id), remaining=left
+        )
+    if len(original.entries) == 2:
+        return [(e.account_id, -amount if e.amount > 0 else amount, e.currency) for e in original.entries]
+    if amount != original.amount_moved:
+        raise TransactionNotReversible(
+            f"transaction {original.id} has {len(original.entries)} entries: it is reversed in full or not at all",
+            transaction_id=str(original.id),
+        )
+    return [(e.account_id, -e.amount, e.currency) for e in original.entries]

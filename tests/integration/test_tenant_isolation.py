@@ -36,6 +36,7 @@ ROUTES: list[tuple[str, str]] = [
     ("GET", "/v1/operations/{operation_id}"),
     ("GET", "/v1/operations/{operation_id}/audit"),
     ("GET", "/v1/transactions/{transaction_id}"),
+    ("POST", "/v1/transactions/{transaction_id}/reverse"),
     ("GET", "/v1/webhook-endpoints/{endpoint_id}"),
     ("DELETE", "/v1/webhook-endpoints/{endpoint_id}"),
     ("POST", "/v1/webhook-endpoints/{endpoint_id}/roll-secret"),

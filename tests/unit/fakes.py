@@ -24,6 +24,7 @@ from core.application.ports import (
     QueuedKeys,
     QueueUnavailable,
     StoreUnavailable,
+    TransactionKey,
     UnitOfWork,
 )
 from core.application.views import OperationResult, OperationStatus
@@ -64,6 +65,13 @@ class FakeLedger(Ledger):
 
     def append(self, postings: Sequence[Posting]) -> None:
         self.books.transactions.extend((p.transaction, p.operation_id) for p in postings)
+
+    def reversed_amounts(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, int]:
+        moved: dict[TransactionKey, int] = {}
+        for tx, _ in self.books.transactions:
+            if tx.reverses is not None and (tx.tenant_id, tx.reverses) in keys:
+                moved[(tx.tenant_id, tx.reverses)] = moved.get((tx.tenant_id, tx.reverses), 0) + tx.amount_moved
+        return moved
 
 
 class FakeIdempotency(IdempotencyStore):
@@ -112,6 +120,9 @@ class FakeUnitOfWork(UnitOfWork):
         self.idempotency = FakeIdempotency(self.working)
         self.outbox = FakeOutbox(self.working)
         return self
+
+    def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:
+        return {k: tx for tx, _ in self.committed_books.transactions if (k := (tx.tenant_id, tx.id)) in keys}
 
     def commit(self) -> None:
         self.committed_books.__dict__.update(copy.deepcopy(self.working).__dict__)

@@ -14,7 +14,13 @@ from uuid import UUID
 from psycopg import IsolationLevel, sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from core.adapters.postgres.uow import ACCOUNT_COLUMNS, account_from_row, operation_from_row
+from core.adapters.postgres.uow import (
+    ACCOUNT_COLUMNS,
+    TRANSACTION_COLUMNS,
+    account_from_row,
+    operation_from_row,
+    transactions_from_rows,
+)
 from core.application.ports import (
     AccountFilters,
     AccountPage,
@@ -28,7 +34,7 @@ from core.application.ports import (
 )
 from core.application.views import OperationResult
 from core.domain.errors import AccountNotFound, RequestInvalid
-from core.domain.model import Account, Entry, Transaction, TransactionKind
+from core.domain.model import Account, Transaction
 
 # Largest page a reader may ask for, in entries.
 MAX_PAGE_SIZE = 1000
@@ -180,24 +186,9 @@ def transactions_query(
 
 # The transactions of a page with their entries and operations, in the page's order.
 TRANSACTIONS = (
-    "SELECT t.id, t.tenant_id, t.kind, t.operation_id, t.metadata, t.created_at,"
-    " e.account_id, e.amount, e.currency, e.sequence, e.balance_after"
-    " FROM transactions t JOIN entries e ON e.transaction_id = t.id"
+    f"SELECT {TRANSACTION_COLUMNS} FROM transactions t JOIN entries e ON e.transaction_id = t.id"
     " WHERE t.id = ANY(%s) AND t.tenant_id = %s ORDER BY e.account_id, e.sequence"
 )
-
-
-def transactions_from_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[Transaction, UUID]]:
-    """(transaction, its operation) for each transaction of `TRANSACTIONS` rows, in first-seen order."""
-    grouped: dict[UUID, list[Sequence[Any]]] = {}
-    for row in rows:
-        grouped.setdefault(row[0], []).append(row)
-    found = []
-    for group in grouped.values():
-        tx_id, tenant, kind, operation_id, metadata, created_at = group[0][:6]
-        entries = tuple(Entry(*row[6:]) for row in group)
-        found.append((Transaction(tx_id, tenant, TransactionKind(kind), entries, metadata, created_at), operation_id))
-    return found
 
 
 def operations_query(

@@ -43,12 +43,22 @@ from core.application.ports import (
     Outbox,
     Posting,
     StoreUnavailable,
+    TransactionKey,
     UnitOfWork,
     WriteSet,
 )
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import TransientConflict
-from core.domain.model import Account, AccountKey, AccountKind, AccountStatus, OverdraftPolicy
+from core.domain.model import (
+    Account,
+    AccountKey,
+    AccountKind,
+    AccountStatus,
+    Entry,
+    OverdraftPolicy,
+    Transaction,
+    TransactionKind,
+)
 
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
@@ -65,8 +75,8 @@ LOCK_ACCOUNTS = (
 )
 
 
-def keys_json(keys: Collection[AccountKey]) -> str:
-    """Account keys, sorted, as the JSON array LOCK_ACCOUNTS takes."""
+def keys_json(keys: Collection[tuple[str, UUID]]) -> str:
+    """(tenant, id) keys of accounts or transactions, sorted, as the JSON array the statements below take."""
     return orjson.dumps([{"t": tenant, "i": account_id} for tenant, account_id in sorted(keys)]).decode()
 
 
@@ -97,6 +107,33 @@ def account_from_row(row: Sequence[Any]) -> Account:
 def accounts_by_key(rows: Sequence[Sequence[Any]]) -> dict[AccountKey, Account]:
     accounts = (account_from_row(row) for row in rows)
     return {account.key: account for account in accounts}
+
+
+# A transaction and one of its entries per row (rows of one transaction are consecutive).
+TRANSACTION_COLUMNS = (
+    "t.id, t.tenant_id, t.kind, t.operation_id, t.metadata, t.created_at, t.reverses,"
+    " e.account_id, e.amount, e.currency, e.sequence, e.balance_after"
+)
+# Transactions by their (tenant, id) keys, one primary-key probe each.
+FIND_TRANSACTIONS = (
+    f"SELECT {TRANSACTION_COLUMNS} FROM json_to_recordset(%s::json) AS k(t text, i uuid)"
+    " JOIN transactions t ON t.id = k.i AND t.tenant_id = k.t JOIN entries e ON e.transaction_id = t.id"
+    " ORDER BY t.id, e.account_id, e.sequence"
+)
+
+
+def transactions_from_rows(rows: Sequence[Sequence[Any]]) -> list[tuple[Transaction, UUID]]:
+    """(transaction, its operation) for each transaction of TRANSACTION_COLUMNS rows, in first-seen order."""
+    grouped: dict[UUID, list[Sequence[Any]]] = {}
+    for row in rows:
+        grouped.setdefault(row[0], []).append(row)
+    found = []
+    for group in grouped.values():
+        tx_id, tenant, kind, operation_id, metadata, created_at, reverses = group[0][:7]
+        entries = tuple(Entry(*row[7:]) for row in group)
+        transaction = Transaction(tx_id, tenant, TransactionKind(kind), entries, metadata, created_at, reverses)
+        found.append((transaction, operation_id))
+    return found
 
 
 def operation_from_row(operation_id: UUID, status: str, response: dict[str, Any] | None) -> OperationResult:
@@ -195,9 +232,9 @@ class PostgresLedger(Ledger):
     def append(self, postings: Sequence[Posting]) -> None:
         cur = self.conn.cursor()
         cur.execute(
-            "INSERT INTO transactions (id, tenant_id, kind, operation_id, batch_item, metadata, created_at)"
-            " SELECT id, t, k, o, i, m, at FROM json_to_recordset(%s::json)"
-            " AS u(id uuid, t text, k text, o uuid, i integer, m jsonb, at timestamptz)",
+            "INSERT INTO transactions (id, tenant_id, kind, operation_id, batch_item, reverses, metadata, created_at)"
+            " SELECT id, t, k, o, i, r, m, at FROM json_to_recordset(%s::json)"
+            " AS u(id uuid, t text, k text, o uuid, i integer, r uuid, m jsonb, at timestamptz)",
             (
                 rows_json(
                     [
@@ -207,6 +244,7 @@ class PostgresLedger(Ledger):
                             "k": p.transaction.kind,
                             "o": p.operation_id,
                             "i": p.batch_item,
+                            "r": p.transaction.reverses,
                             "m": p.transaction.metadata,
                             "at": p.transaction.created_at,
                         }
@@ -239,6 +277,20 @@ class PostgresLedger(Ledger):
                 ),
             ),
         )
+
+    def reversed_amounts(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, int]:
+        rows = self.conn.execute(REVERSED_AMOUNTS, (keys_json(keys),)).fetchall()
+        return {(row[0], row[1]): row[2] for row in rows}
+
+
+# What the reversals of each transaction moved: their credits, summed, found through transactions_reverses_idx.
+REVERSED_AMOUNTS = (
+    "SELECT r.tenant_id, r.reverses, sum(e.amount)::bigint"
+    " FROM json_to_recordset(%s::json) AS k(t text, i uuid)"
+    " JOIN transactions r ON r.tenant_id = k.t AND r.reverses = k.i"
+    " JOIN entries e ON e.transaction_id = r.id AND e.amount > 0"
+    " GROUP BY r.tenant_id, r.reverses"
+)
 
 
 class PostgresIdempotency(IdempotencyStore):
@@ -372,6 +424,15 @@ class PostgresUnitOfWork(UnitOfWork):
         self.ledger = PostgresLedger(self.conn)
         self.outbox = PostgresOutbox(self.conn)
         return self
+
+    def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:
+        try:
+            with self.pool.connection() as conn:
+                rows = conn.execute(FIND_TRANSACTIONS, (keys_json(keys),)).fetchall()
+        except psycopg.Error as exc:
+            raise_translated(exc)
+            raise
+        return {(t.tenant_id, t.id): t for t, _ in transactions_from_rows(rows)}
 
     def _begin(self, write_set: WriteSet | None) -> Cursor[TupleRow] | None:
         self.conn.autocommit = True  # reset_session turns it off again when the connection goes back

@@ -70,6 +70,18 @@ CHECKS: dict[str, str] = {
     "no customer account sits on a derived (version 5, system) id": """
         SELECT id, tenant_id FROM accounts WHERE kind = 'customer' AND substr(id::text, 15, 1) = '5'
     """,
+    "a reversal mirrors an existing transaction of its tenant, not a reversal, and moves no more than it did": """
+        SELECT r.tenant_id, r.reverses, o.kind, sum(e.amount), (
+            SELECT sum(oe.amount) FROM entries oe WHERE oe.transaction_id = o.id AND oe.amount > 0
+        ) AS original
+        FROM transactions r JOIN entries e ON e.transaction_id = r.id AND e.amount > 0
+        LEFT JOIN transactions o ON o.id = r.reverses AND o.tenant_id = r.tenant_id
+        WHERE r.reverses IS NOT NULL
+        GROUP BY r.tenant_id, r.reverses, o.id, o.kind
+        HAVING o.id IS NULL OR o.kind = 'reversal' OR sum(e.amount) > (
+            SELECT sum(oe.amount) FROM entries oe WHERE oe.transaction_id = o.id AND oe.amount > 0
+        )
+    """,
     "every posting has exactly one settled operation and idempotency key": """
         SELECT t.id, t.operation_id, k.status FROM transactions t
         LEFT JOIN idempotency_keys k ON k.operation_id = t.operation_id
