@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     # most a lone command is delayed by grouping.
     worker_group_wait_ms: NonNegativeFloat = 2.0
     redeliver_after_s: PositiveInt = 120  # a pending operation this old without a settlement is enqueued again
+    hold_expiry_interval_s: PositiveFloat = 1.0  # seconds between two looks for pending holds past their expiry
     outbox_retention_s: PositiveInt = (
         24 * 3600
     )  # published events stay in the outbox this long, then the relay prunes them

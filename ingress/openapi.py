@@ -24,9 +24,11 @@ from core.application.commands import IDEMPOTENCY_KEY_PATTERN
 from core.application.requests import (
     AccountMetadataBody,
     BatchBody,
+    CaptureBody,
     CreateAccountBody,
     CreditBody,
     DebitBody,
+    HoldBody,
     MetadataPatchBody,
     ReversalBody,
     TransactionBody,
@@ -102,7 +104,14 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "currency": {"type": "string"},
             "kind": {"type": "string"},
             "status": {"enum": ["open", "frozen", "closed"]},
-            "balance": _object({"posted": {"type": "integer"}, "available": {"type": "integer"}}),
+            "balance": _object(
+                {
+                    "posted": {"type": "integer"},
+                    "pending_debits": {"type": "integer", "minimum": 0},
+                    "pending_credits": {"type": "integer", "minimum": 0},
+                    "available": {"type": "integer"},
+                }
+            ),
             "overdraft_limit": {"type": "integer"},
             "metadata": _METADATA,
         }
@@ -133,6 +142,22 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "entries": {"type": "array", "items": {"type": "object"}},
         },
         {"operation_id": _UUID},
+    ),
+    "Hold": _object(
+        {
+            "id": _UUID,
+            "object": {"const": "hold"},
+            "source_id": _UUID,
+            "destination_id": _UUID,
+            "amount": {"type": "integer", "minimum": 1},
+            "currency": {"type": "string"},
+            "status": {"enum": ["pending", "captured", "voided", "expired"]},
+            "expires_at": _TIME_OR_NULL,
+            "captured_amount": {"type": ["integer", "null"]},
+            "capture_transaction_id": {"type": ["string", "null"], "format": "uuid"},
+            "metadata": _METADATA,
+            "created_at": _TIME,
+        }
     ),
     "AuditRecords": _object(
         {"object": {"const": "list"}, "operation_id": _UUID, "data": {"type": "array", "items": {"type": "object"}}}
@@ -194,6 +219,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("POST", "/v1/transfers"): Operation("postings", COMMAND, body=TransferBody, command=True),
     ("POST", "/v1/transactions"): Operation("postings", COMMAND, body=TransactionBody, command=True),
     ("POST", "/v1/batches"): Operation("postings", COMMAND, body=BatchBody, command=True),
+    ("POST", "/v1/holds"): Operation("holds", COMMAND, body=HoldBody, command=True),
+    ("POST", "/v1/holds/{hold_id}/capture"): Operation("holds", COMMAND, body=CaptureBody, command=True),
+    ("POST", "/v1/holds/{hold_id}/void"): Operation("holds", COMMAND, command=True),
+    ("GET", "/v1/holds/{hold_id}"): Operation("holds", {"200": "Hold"}),
     ("POST", "/v1/transactions/{transaction_id}/reverse"): Operation(
         "postings", COMMAND, body=ReversalBody, command=True
     ),

@@ -23,15 +23,19 @@ from core.application.requests import (
     B,
     BatchBody,
     Body,
+    CaptureBody,
+    CaptureHoldBody,
     CreateAccountBody,
     CreditBody,
     DebitBody,
     EmptyBody,
+    HoldBody,
     MetadataPatchBody,
     ReversalBody,
     ReverseTransactionBody,
     TransactionBody,
     TransferBody,
+    VoidHoldBody,
     parse_body,
 )
 from core.application.views import (
@@ -39,6 +43,7 @@ from core.application.views import (
     delivery_json,
     endpoint_json,
     event_json,
+    hold_json,
     operation_json,
     operation_path,
     transaction_json,
@@ -46,6 +51,7 @@ from core.application.views import (
 from core.application.webhooks import EventFilter
 from core.domain.errors import (
     AccountNotFound,
+    HoldNotFound,
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     NotFound,
@@ -294,6 +300,38 @@ async def reverse_transaction(request: web.Request) -> web.Response:
     body = await read_body(request, ReversalBody) if request.body_exists else ReversalBody()
     reversal = ReverseTransactionBody(transaction_id=transaction_id, amount=body.amount, metadata=body.metadata)
     return await accept(request, reversal.to_command(request[TENANT]), key)
+
+
+@routes.post("/v1/holds")
+async def create_hold(request: web.Request) -> web.Response:
+    return await submit(request, HoldBody)
+
+
+@routes.post("/v1/holds/{hold_id}/capture")
+async def capture_hold(request: web.Request) -> web.Response:
+    key = idempotency_key_of(request)
+    hold_id = path_uuid(request, "hold_id")
+    body = await read_body(request, CaptureBody) if request.body_exists else CaptureBody()
+    capture = CaptureHoldBody(hold_id=hold_id, amount=body.amount, metadata=body.metadata)
+    return await accept(request, capture.to_command(request[TENANT]), key)
+
+
+@routes.post("/v1/holds/{hold_id}/void")
+async def void_hold(request: web.Request) -> web.Response:
+    key = idempotency_key_of(request)
+    hold_id = path_uuid(request, "hold_id")
+    if request.body_exists:
+        await read_body(request, EmptyBody)
+    return await accept(request, VoidHoldBody(hold_id=hold_id).to_command(request[TENANT]), key)
+
+
+@routes.get("/v1/holds/{hold_id}")
+async def get_hold(request: web.Request) -> web.Response:
+    hold_id = path_uuid(request, "hold_id")
+    hold = await request.app[INGRESS].queries.hold(request[TENANT], hold_id)
+    if hold is None:
+        raise HoldNotFound(f"hold {hold_id} does not exist", hold_id=str(hold_id))
+    return web.json_response(hold_json(hold))
 
 
 @routes.post("/v1/batches")

@@ -96,6 +96,7 @@ PENDING_OLDEST_SECONDS = Gauge(
 OPERATIONS_REQUEUED = Counter(
     "cleanledger_operations_requeued_total", "Pending operations the sweeper queued again (overdue)"
 )
+HOLDS_EXPIRED = Counter("cleanledger_holds_expired_total", "Pending holds the sweeper released past their expiry")
 DEAD_LETTERS = Gauge(
     "cleanledger_dead_letter_messages", "Messages kept in a dead-letter queue, as the sweeper last looked", ["queue"]
 )

@@ -10,6 +10,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -50,6 +51,8 @@ class Command:
                 body["overdraft_limit"] = value.limit
             elif isinstance(value, UUID | AccountStatus):
                 body[name] = str(value)
+            elif isinstance(value, datetime):
+                body[name] = value.isoformat()
             elif value is not None or name == "account_id":
                 body[name] = value
         return body
@@ -221,6 +224,82 @@ class ReverseTransaction(Command):
             raise AmountInvalid(f"an amount is an integer from 1 to {MAX_POSTING_AMOUNT} minor units")
 
 
+# How far ahead a hold may expire, at most.
+MAX_HOLD_LIFETIME = timedelta(days=30)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateHold(Command):
+    """Set `amount` aside on the source toward the destination (two-phase: captured, voided or expired later).
+    While pending it counts against the source's available balance."""
+
+    type: ClassVar[str] = "create_hold"
+    source_id: UUID
+    destination_id: UUID
+    amount: Money
+    expires_at: datetime | None = None  # None: until captured or voided
+    metadata: dict[str, Any] = field(default_factory=dict)
+    hold_id: UUID | None = None  # None: the ledger assigns one
+
+    def __post_init__(self) -> None:
+        super(CreateHold, self).__post_init__()
+        validate_metadata(self.metadata)
+        if self.hold_id is not None and self.hold_id.version not in CLIENT_ID_VERSIONS:
+            raise ValidationFailed("a client-chosen hold id must be a random (v4) or time-ordered (v7) UUID")
+        if self.source_id == self.destination_id:
+            raise SameAccount()
+        if self.expires_at is not None and (
+            self.expires_at.tzinfo is None or self.expires_at - datetime.now(UTC) > MAX_HOLD_LIFETIME
+        ):
+            raise ValidationFailed(f"expires_at is a time with its offset, at most {MAX_HOLD_LIFETIME.days} days ahead")
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureHold(Command):
+    """Post `amount` of a pending hold (None: all of it) from its source to its destination; what is not
+    captured is released. A hold is captured once."""
+
+    type: ClassVar[str] = "capture_hold"
+    hold_id: UUID
+    amount: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super(CaptureHold, self).__post_init__()
+        validate_metadata(self.metadata)
+        if self.amount is not None and (type(self.amount) is not int or not 0 < self.amount <= MAX_POSTING_AMOUNT):
+            raise AmountInvalid(f"an amount is an integer from 1 to {MAX_POSTING_AMOUNT} minor units")
+
+
+@dataclass(frozen=True, slots=True)
+class VoidHold(Command):
+    """Release a pending hold without posting anything."""
+
+    type: ClassVar[str] = "void_hold"
+    hold_id: UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireHold(Command):
+    """Release a pending hold past its expiry: sent by the expiry sweep (`workers.redeliver`), never by clients,
+    under `expiry_key`, so each hold expires once. `as_of` is when the sweep saw it expired (the database's
+    clock): the decision travels with the command instead of depending on the settling process's clock."""
+
+    type: ClassVar[str] = "expire_hold"
+    hold_id: UUID
+    as_of: datetime
+
+    @staticmethod
+    def expiry_key(hold_id: UUID) -> str:
+        """The idempotency key of a hold's expiry. It holds spaces, which no client's key may (see
+        IDEMPOTENCY_KEY_PATTERN), so no request can take it first and keep the hold from expiring."""
+        return f"hold expiry {hold_id}"
+
+
+# The commands that name a hold, whose accounts are read before their unit begins.
+HoldCommand = CaptureHold | VoidHold | ExpireHold
+
+
 # Commands one batch may carry at most.
 MAX_BATCH_ITEMS = 1000
 
@@ -264,6 +343,10 @@ COMMAND_TYPES: dict[str, type[Command]] = {
         UpdateAccountMetadata,
         PostTransaction,
         ReverseTransaction,
+        CreateHold,
+        CaptureHold,
+        VoidHold,
+        ExpireHold,
         Batch,
     )
 }
@@ -282,9 +365,12 @@ def command_from_json(body: dict[str, Any]) -> Command:
             data["overdraft"] = OverdraftPolicy(data.pop("overdraft_limit"))
         if "legs" in data:
             data["legs"] = tuple(Leg(UUID(leg["account_id"]), leg["amount"], leg["currency"]) for leg in data["legs"])
-        for name in ("account_id", "source_id", "destination_id", "transaction_id"):
+        for name in ("account_id", "source_id", "destination_id", "transaction_id", "hold_id"):
             if data.get(name) is not None:
                 data[name] = UUID(data[name])
+        for name in ("expires_at", "as_of"):
+            if data.get(name) is not None:
+                data[name] = datetime.fromisoformat(data[name])
         if "status" in data:
             data["status"] = AccountStatus(data["status"])
         return cls(**data)

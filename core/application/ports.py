@@ -16,7 +16,7 @@ from core.application.commands import Command
 from core.application.views import OperationResult
 from core.domain.errors import ServiceUnavailable
 from core.domain.ids import new_id
-from core.domain.model import Account, AccountKey, Transaction
+from core.domain.model import Account, AccountKey, Hold, Transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +114,31 @@ class AccountRepository(abc.ABC):
         """Store the balance, version and status of locked accounts."""
 
 
-# A transaction by its full name: (tenant, id).
+# A transaction, or a hold, by its full name: (tenant, id).
 TransactionKey = tuple[str, UUID]
+HoldKey = tuple[str, UUID]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedHold:
+    """A new hold to insert, and the operation that placed it."""
+
+    hold: Hold
+    operation_id: UUID
+
+
+class HoldRepository(abc.ABC):
+    @abc.abstractmethod
+    def lock(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        """Lock the holds among `keys` for update, as they stand; absent ones are left out."""
+
+    @abc.abstractmethod
+    def add(self, placed: Sequence[PlacedHold]) -> None:
+        """Insert new holds, each with the operation that placed it."""
+
+    @abc.abstractmethod
+    def save(self, holds: Sequence[Hold]) -> None:
+        """Store the status and capture of locked holds."""
 
 
 class Ledger(abc.ABC):
@@ -272,6 +295,7 @@ class UnitOfWork(abc.ABC):
 
     accounts: AccountRepository
     ledger: Ledger
+    holds: HoldRepository
     idempotency: IdempotencyStore
     outbox: Outbox
     write_set: WriteSet | None = None
@@ -284,6 +308,12 @@ class UnitOfWork(abc.ABC):
         """
         self.write_set = WriteSet(frozenset(accounts)) if accounts else None
         return self
+
+    @abc.abstractmethod
+    def find_holds(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        """Holds as they stand, read before the unit begins: their accounts never change, so the accounts a
+        capture, void or expiry writes are known before its locks are taken. Their status is read again, locked,
+        inside the unit (`holds.lock`)."""
 
     @abc.abstractmethod
     def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:

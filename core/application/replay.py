@@ -31,6 +31,9 @@ OUTCOME_KINDS = frozenset(
         "transaction.rejected",
         "command.rejected",
         "batch.settled",
+        "hold.created",
+        "hold.voided",
+        "hold.expired",
     }
 )
 # Operations settled in one group at most while replaying.
@@ -73,6 +76,8 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
         request: dict[str, Any] = dict(document["request"])
         if record.kind == "account.created":
             request["account_id"] = document["account"]["id"]  # the id it was given, however it was chosen
+        if record.kind == "hold.created":
+            request["hold_id"] = document["hold"]["id"]
         if record.kind == "batch.settled":
             request["items"] = [
                 {**item, "account_id": outcome["result"]["account"]["id"]}

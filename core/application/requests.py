@@ -10,15 +10,17 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from core.application.commands import (
     MAX_BATCH_ITEMS,
     MAX_LEGS,
     Batch,
+    CaptureHold,
     ChangeAccountStatus,
     Command,
     CreateAccount,
+    CreateHold,
     Credit,
     Debit,
     Leg,
@@ -26,6 +28,7 @@ from core.application.commands import (
     ReverseTransaction,
     Transfer,
     UpdateAccountMetadata,
+    VoidHold,
 )
 from core.domain.errors import LedgerError, RequestInvalid, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy
@@ -107,6 +110,50 @@ class ReverseTransactionBody(ReversalBody):
 
     def to_command(self, tenant_id: str) -> Command:
         return ReverseTransaction(tenant_id, self.transaction_id, self.amount, self.metadata)
+
+
+class HoldBody(Body):
+    """`POST /v1/holds`: reserve `amount` on the source toward the destination, until captured, voided or
+    `expires_at` (RFC 3339 with its offset, at most 30 days ahead; none: no expiry)."""
+
+    source_id: UUID
+    destination_id: UUID
+    amount: int  # minor units
+    currency: str
+    expires_at: AwareDatetime | None = Field(default=None, strict=False)  # from its RFC 3339 text
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    id: UUID | None = None  # optional client-chosen hold id
+
+    def to_command(self, tenant_id: str) -> Command:
+        money = Money.for_posting(self.amount, self.currency)
+        return CreateHold(
+            tenant_id, self.source_id, self.destination_id, money, self.expires_at, self.metadata, self.id
+        )
+
+
+class CaptureBody(Body):
+    """`POST /v1/holds/{id}/capture`: the hold is the path's. No amount: all of it."""
+
+    amount: int | None = None  # minor units; what is not captured is released
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CaptureHoldBody(CaptureBody):
+    """A capture over AMQP, naming its hold."""
+
+    hold_id: UUID
+
+    def to_command(self, tenant_id: str) -> Command:
+        return CaptureHold(tenant_id, self.hold_id, self.amount, self.metadata)
+
+
+class VoidHoldBody(Body):
+    """A void over AMQP, naming its hold (over HTTP: `POST /v1/holds/{id}/void`)."""
+
+    hold_id: UUID
+
+    def to_command(self, tenant_id: str) -> Command:
+        return VoidHold(tenant_id, self.hold_id)
 
 
 class AccountStatusBody(Body):
@@ -197,6 +244,9 @@ BODIES: dict[str, type[Body]] = {
     UpdateAccountMetadata.type: AccountMetadataBody,
     PostTransaction.type: TransactionBody,
     ReverseTransaction.type: ReverseTransactionBody,
+    CreateHold.type: HoldBody,
+    CaptureHold.type: CaptureHoldBody,
+    VoidHold.type: VoidHoldBody,
     Batch.type: BatchBody,
 }
 

@@ -19,34 +19,57 @@ import structlog
 
 from core.application.commands import (
     Batch,
+    CaptureHold,
     ChangeAccountStatus,
     Command,
     CreateAccount,
+    CreateHold,
     Credit,
     Debit,
+    ExpireHold,
+    HoldCommand,
     PostingCommand,
     PostTransaction,
     ReverseTransaction,
     UpdateAccountMetadata,
+    VoidHold,
 )
-from core.application.ports import Claim, Completion, Event, Posting, Submission, TransactionKey, UnitOfWork
-from core.application.views import OperationResult, account_json, transaction_json
+from core.application.ports import (
+    Claim,
+    Completion,
+    Event,
+    HoldKey,
+    PlacedHold,
+    Posting,
+    Submission,
+    TransactionKey,
+    UnitOfWork,
+)
+from core.application.views import OperationResult, account_json, hold_json, transaction_json
 from core.domain.errors import (
     AccountExists,
     AccountNotFound,
     CurrencyMismatch,
+    HoldExists,
+    HoldExpired,
+    HoldNotFound,
     IdempotencyKeyReused,
     LedgerError,
     TransactionNotFound,
+    TransientConflict,
+    ValidationFailed,
 )
 from core.domain.ids import external_account_id, new_id
 from core.domain.model import (
     Account,
     AccountKey,
     AccountKind,
+    Hold,
+    HoldStatus,
     OverdraftPolicy,
     Transaction,
     TransactionKind,
+    place_hold,
     post_legs,
     reversal_legs,
 )
@@ -88,13 +111,18 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
         (c.tenant_id, c.transaction_id) for c in each_command(commands) if isinstance(c, ReverseTransaction)
     }
     originals = uow.find_transactions(reversed_keys) if reversed_keys else {}
-    with uow.writing(written_accounts(commands, originals)):
+    named_holds = {(c.tenant_id, c.hold_id) for c in commands if isinstance(c, HoldCommand)}
+    holds = uow.find_holds(named_holds) if named_holds else {}
+    chosen_holds = {(c.tenant_id, c.hold_id) for c in commands if isinstance(c, CreateHold) and c.hold_id}
+    with uow.writing(written_accounts(commands, originals, holds)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
         books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock())
         if originals:
             books.originals = originals
             books.reversed = uow.ledger.reversed_amounts(list(originals))
+        if named_holds or chosen_holds:
+            books.holds = uow.holds.lock(named_holds | chosen_holds)  # their status as it stands, locked
         answers: list[Settled] = []
         completions: list[Completion] = []
         for submission, fingerprint, body in zip(submissions, fingerprints, bodies, strict=True):
@@ -133,13 +161,23 @@ def each_command(commands: Iterable[Command]) -> Iterable[Command]:
             yield command
 
 
-def written_accounts(commands: Iterable[Command], originals: Mapping[TransactionKey, Transaction]) -> set[AccountKey]:
+def written_accounts(
+    commands: Iterable[Command],
+    originals: Mapping[TransactionKey, Transaction] | None = None,
+    holds: Mapping[HoldKey, Hold] | None = None,
+) -> set[AccountKey]:
     """The accounts commands may lock and write (a client-chosen new id included), known before they run; a
-    reversal writes the accounts of its original, if it exists."""
+    reversal writes the accounts of its original, a hold's capture, void or expiry those of the hold."""
     keys: set[AccountKey] = set()
     for command in each_command(commands):
-        if isinstance(command, ReverseTransaction):
-            original = originals.get((command.tenant_id, command.transaction_id))
+        if isinstance(command, CreateHold):
+            keys.update((command.tenant_id, account_id) for account_id in (command.source_id, command.destination_id))
+        elif isinstance(command, HoldCommand):
+            hold = (holds or {}).get((command.tenant_id, command.hold_id))
+            if hold is not None:
+                keys.update((command.tenant_id, account_id) for account_id in (hold.source_id, hold.destination_id))
+        elif isinstance(command, ReverseTransaction):
+            original = (originals or {}).get((command.tenant_id, command.transaction_id))
             if original is not None:
                 keys.update((command.tenant_id, e.account_id) for e in original.entries)
         elif isinstance(command, PostingCommand):
@@ -205,6 +243,9 @@ class _Books:
         self.events: list[Event] = []
         self.originals: Mapping[TransactionKey, Transaction] = {}  # the transactions the group reverses
         self.reversed: dict[TransactionKey, int] = {}  # what their reversals moved so far, this group's included
+        self.holds: dict[HoldKey, Hold] = {}  # the holds the group names, locked, and those it places
+        self.placed: list[PlacedHold] = []
+        self.changed_holds: dict[HoldKey, Hold] = {}  # existing holds whose status changed
 
     def settle(self, command: Command, operation: Operation) -> OperationResult:
         operation_id = operation.id
@@ -217,6 +258,12 @@ class _Books:
                 result = self._post(command, operation)
             elif isinstance(command, ReverseTransaction):
                 result = self._reverse(command, operation)
+            elif isinstance(command, CreateHold):
+                result = self._place_hold(command, operation)
+            elif isinstance(command, CaptureHold):
+                result = self._capture_hold(command, operation)
+            elif isinstance(command, VoidHold | ExpireHold):
+                result = self._release_hold(command, operation)
             elif isinstance(command, ChangeAccountStatus):
                 result = self._change_status(command, operation)
             elif isinstance(command, UpdateAccountMetadata):
@@ -239,6 +286,10 @@ class _Books:
             uow.ledger.append(self.postings)
         if self.changed:
             uow.accounts.save(list(self.changed.values()))
+        if self.placed:
+            uow.holds.add(self.placed)
+        if self.changed_holds:
+            uow.holds.save(list(self.changed_holds.values()))
         if self.events:
             uow.outbox.stage(self.events)
 
@@ -375,12 +426,98 @@ class _Books:
         self.reversed[key] = self.reversed.get(key, 0) + transaction.amount_moved
         return self._posted(transaction, touched, operation)
 
-    def _posted(self, transaction: Transaction, touched: list[Account], operation: Operation) -> dict[str, object]:
+    def _place_hold(self, command: CreateHold, operation: Operation) -> dict[str, object]:
+        tenant, currency = command.tenant_id, command.amount.currency
+        if command.hold_id is not None and (tenant, command.hold_id) in self.holds:
+            raise HoldExists(f"hold {command.hold_id} already exists", hold_id=str(command.hold_id))
+        source = self._leg_account(tenant, command.source_id, currency, None)
+        destination = self._leg_account(tenant, command.destination_id, currency, None)
+        hold = Hold(
+            id=command.hold_id or new_id(),
+            tenant_id=tenant,
+            source_id=source.id,
+            destination_id=destination.id,
+            currency=currency,
+            amount=command.amount.amount,
+            expires_at=command.expires_at,
+            created_at=self.now,
+            metadata=dict(command.metadata),
+        )
+        if hold.expired_at(self.now):
+            raise HoldExpired(f"the hold would expire at {hold.expires_at}, which has passed", hold_id=str(hold.id))
+        place_hold(hold, source, destination)
+        self._touch(source)
+        self._touch(destination)
+        self.holds[hold.key] = hold
+        self.placed.append(PlacedHold(hold, operation.id))
+        return self._hold_changed("hold.created", hold, source, destination, operation)
+
+    def _locked_hold(self, tenant_id: str, hold_id: UUID) -> tuple[Hold, Account, Account]:
+        hold = self.holds.get((tenant_id, hold_id))
+        if hold is None:
+            raise HoldNotFound(f"hold {hold_id} does not exist", hold_id=str(hold_id))
+        source, destination = self._account(tenant_id, hold.source_id), self._account(tenant_id, hold.destination_id)
+        if source is None or destination is None:  # placed after this group looked for it: run the group again
+            raise TransientConflict(f"hold {hold_id} was placed while the group began")
+        return hold, source, destination
+
+    def _capture_hold(self, command: CaptureHold, operation: Operation) -> dict[str, object]:
+        hold, source, destination = self._locked_hold(command.tenant_id, command.hold_id)
+        amount = hold.capture_amount(command.amount, self.now)
+        hold.release(source, destination, HoldStatus.CAPTURED)  # all of it: what is not captured is let go
+        try:
+            transaction = post_legs(
+                transaction_id=new_id(),
+                tenant_id=command.tenant_id,
+                kind=TransactionKind.CAPTURE,
+                legs=[(source, -amount), (destination, amount)],
+                metadata=command.metadata,
+                created_at=self.now,
+            )
+        except LedgerError:  # a frozen account, say: the hold stays as it was
+            source.pending_debits += hold.amount
+            destination.pending_credits += hold.amount
+            hold.status = HoldStatus.PENDING
+            raise
+        hold.captured_amount, hold.capture_transaction_id = amount, transaction.id
+        self._hold_saved(hold)
+        return self._posted(transaction, [source, destination], operation, hold=hold_json(hold))
+
+    def _release_hold(self, command: VoidHold | ExpireHold, operation: Operation) -> dict[str, object]:
+        hold, source, destination = self._locked_hold(command.tenant_id, command.hold_id)
+        hold.ensure_pending()
+        expiring = isinstance(command, ExpireHold)
+        if isinstance(command, ExpireHold) and not hold.expired_at(command.as_of):
+            raise ValidationFailed(f"hold {hold.id} expires at {hold.expires_at}", hold_id=str(hold.id))
+        hold.release(source, destination, HoldStatus.EXPIRED if expiring else HoldStatus.VOIDED)
+        self._touch(source)
+        self._touch(destination)
+        self._hold_saved(hold)
+        return self._hold_changed(f"hold.{hold.status}", hold, source, destination, operation)
+
+    def _hold_saved(self, hold: Hold) -> None:
+        if all(placed.hold is not hold for placed in self.placed):  # one placed in this group is inserted as it ends
+            self.changed_holds[hold.key] = hold
+
+    def _hold_changed(
+        self, event_type: str, hold: Hold, source: Account, destination: Account, operation: Operation
+    ) -> dict[str, object]:
+        result: dict[str, object] = {
+            "hold": hold_json(hold),
+            "accounts": [account_json(source), account_json(destination)],
+        }
+        self.events.append(operation.event(event_type, hold.tenant_id, result, self.now))
+        return result
+
+    def _posted(
+        self, transaction: Transaction, touched: list[Account], operation: Operation, **extra: object
+    ) -> dict[str, object]:
         """Record a transaction posted on `touched`, and its event; the operation's result."""
         for account in touched:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id, operation.batch_item))
         result: dict[str, object] = {
+            **extra,
             "transaction": transaction_json(transaction),
             "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
         }

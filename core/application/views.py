@@ -10,7 +10,7 @@ from uuid import UUID
 
 from core.application.webhooks import StoredEvent, WebhookDelivery, WebhookEndpoint
 from core.domain.errors import LedgerError
-from core.domain.model import Account, Transaction
+from core.domain.model import Account, Hold, Transaction
 
 
 class OperationStatus(enum.StrEnum):
@@ -77,15 +77,32 @@ def account_json(account: Account) -> dict[str, Any]:
         "status": str(account.status),
         "balance": {
             "posted": account.balance,
-            # Holds are not built yet: nothing is pending, so everything posted is available.
-            "pending": 0,
-            "available": account.balance,
+            "pending_debits": account.pending_debits,  # held from it by pending holds
+            "pending_credits": account.pending_credits,  # held toward it by pending holds
+            "available": account.available,  # posted minus pending debits: what the overdraft rule applies to
         },
         "overdraft_limit": account.overdraft.limit,
         "debits_must_not_exceed_credits": account.overdraft.debits_must_not_exceed_credits,
         "version": account.version,
         "metadata": account.metadata,
         "created_at": iso(account.created_at),
+    }
+
+
+def hold_json(hold: Hold) -> dict[str, Any]:
+    return {
+        "id": str(hold.id),
+        "object": "hold",
+        "source_id": str(hold.source_id),
+        "destination_id": str(hold.destination_id),
+        "amount": hold.amount,
+        "currency": hold.currency,
+        "status": str(hold.status),
+        "expires_at": iso(hold.expires_at),
+        "captured_amount": hold.captured_amount,
+        "capture_transaction_id": None if hold.capture_transaction_id is None else str(hold.capture_transaction_id),
+        "metadata": hold.metadata,
+        "created_at": iso(hold.created_at),
     }
 
 

@@ -135,6 +135,34 @@ class TransactionNotFound(LedgerError):
     code, title, status = "transaction-not-found", "The transaction does not exist", 404
 
 
+class HoldNotFound(LedgerError):
+    code, title, status = "hold-not-found", "The hold does not exist", 404
+
+
+class HoldExists(LedgerError):
+    code, title, status = "hold-exists", "A hold with this id already exists", 409
+
+
+class HoldNotPending(LedgerError):
+    """A hold is captured, voided or expired once; nothing happens to it after that."""
+
+    code, title, status = "hold-not-pending", "The hold is no longer pending", 409
+
+
+class HoldExpired(LedgerError):
+    """Past its expiry a hold can no longer be captured; the expiry worker releases it."""
+
+    code, title, status = "hold-expired", "The hold has expired", 409
+
+
+class CaptureExceedsHold(LedgerError):
+    code, title, status = "capture-exceeds-hold", "The capture exceeds the held amount", 422
+
+
+class AccountHasOpenHolds(LedgerError):
+    code, title, status = "account-has-open-holds", "The account has pending holds", 409
+
+
 class TransactionNotReversible(LedgerError):
     """A reversal cannot be reversed (post the original again instead), and a transaction of more than two
     entries is reversed in full or not at all."""

@@ -15,8 +15,13 @@ from uuid import UUID
 from core.domain.errors import (
     AccountClosed,
     AccountFrozen,
+    AccountHasOpenHolds,
     AccountNotEmpty,
     BalanceLimitExceeded,
+    CaptureExceedsHold,
+    CurrencyMismatch,
+    HoldExpired,
+    HoldNotPending,
     InsufficientFunds,
     LedgerError,
     MetadataInvalid,
@@ -47,12 +52,20 @@ class AccountStatus(enum.StrEnum):
     CLOSED = "closed"
 
 
+class HoldStatus(enum.StrEnum):
+    PENDING = "pending"
+    CAPTURED = "captured"
+    VOIDED = "voided"
+    EXPIRED = "expired"
+
+
 class TransactionKind(enum.StrEnum):
     CREDIT = "credit"
     DEBIT = "debit"
     TRANSFER = "transfer"
     MULTI_LEG = "multi_leg"
     REVERSAL = "reversal"
+    CAPTURE = "capture"
 
 
 def validate_tenant_id(tenant_id: object) -> str:
@@ -165,6 +178,14 @@ class Account:
     version: int = 0  # number of entries posted so far; the next entry's sequence is version + 1
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime | None = None
+    pending_debits: int = 0  # held from this account by pending holds, in minor units
+    pending_credits: int = 0  # held toward this account by pending holds
+
+    @property
+    def available(self) -> int:
+        """What the account may still spend down to its floor counts from: posted minus pending debits.
+        Pending credits are not counted until captured."""
+        return self.balance - self.pending_debits
 
     def __post_init__(self) -> None:
         validate_currency(self.currency)
@@ -184,7 +205,7 @@ class Account:
         """Apply a signed amount, enforcing status and limits; returns the entry that records it."""
         self.ensure_postable()
         new_balance = self.balance + amount
-        if new_balance < self.overdraft.floor():
+        if amount < 0 and new_balance - self.pending_debits < self.overdraft.floor():
             if self.overdraft.limit is not None:
                 raise InsufficientFunds(
                     f"account {self.id} cannot go below {self.overdraft.floor()}",
@@ -210,7 +231,37 @@ class Account:
             raise AccountClosed(f"account {self.id} is closed", account_id=str(self.id))
         if status is AccountStatus.CLOSED and self.balance != 0:
             raise AccountNotEmpty(f"account {self.id} holds {self.balance}", account_id=str(self.id))
+        if status is AccountStatus.CLOSED and (self.pending_debits or self.pending_credits):
+            raise AccountHasOpenHolds(f"account {self.id} has pending holds", account_id=str(self.id))
         self.status = status
+
+    def hold_debit(self, amount: int) -> None:
+        """Set `amount` aside for a hold from this account: it stays posted, but is no longer available."""
+        self.ensure_postable()
+        if self.available - amount < self.overdraft.floor():
+            if self.overdraft.limit is None:
+                raise BalanceLimitExceeded(account_id=str(self.id))
+            raise InsufficientFunds(
+                f"account {self.id} cannot go below {self.overdraft.floor()}",
+                account_id=str(self.id),
+                balance=self.balance,
+                available=self.available,
+                requested=amount,
+            )
+        self.pending_debits += amount
+
+    def hold_credit(self, amount: int) -> None:
+        """Note `amount` held toward this account; it counts for nothing until captured."""
+        self.ensure_postable()
+        if self.balance + self.pending_credits + amount > MAX_BALANCE:
+            raise BalanceLimitExceeded(account_id=str(self.id))
+        self.pending_credits += amount
+
+    def release_debit(self, amount: int) -> None:
+        self.pending_debits -= amount
+
+    def release_credit(self, amount: int) -> None:
+        self.pending_credits -= amount
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,3 +346,67 @@ def reversal_legs(original: Transaction, *, amount: int | None, reversed_so_far:
             transaction_id=str(original.id),
         )
     return [(e.account_id, -e.amount, e.currency) for e in original.entries]
+
+
+@dataclass(slots=True)
+class Hold:
+    """A two-phase posting: `amount` set aside on the source toward the destination while pending, then
+    captured (all or part of it posted), voided or expired (released), exactly once."""
+
+    id: UUID
+    tenant_id: str
+    source_id: UUID
+    destination_id: UUID
+    currency: str
+    amount: int
+    expires_at: datetime | None
+    created_at: datetime
+    metadata: dict[str, Any] = field(default_factory=dict)
+    status: HoldStatus = HoldStatus.PENDING
+    captured_amount: int | None = None
+    capture_transaction_id: UUID | None = None
+
+    @property
+    def key(self) -> tuple[str, UUID]:
+        return (self.tenant_id, self.id)
+
+    def expired_at(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def ensure_pending(self) -> None:
+        if self.status is not HoldStatus.PENDING:
+            raise HoldNotPending(f"hold {self.id} is {self.status}", hold_id=str(self.id), hold_status=str(self.status))
+
+    def capture_amount(self, amount: int | None, now: datetime) -> int:
+        """What a capture of `amount` (None: all of it) posts; refuses a hold that is not pending or expired."""
+        self.ensure_pending()
+        if self.expired_at(now):
+            raise HoldExpired(f"hold {self.id} expired at {self.expires_at}", hold_id=str(self.id))
+        if amount is None:
+            return self.amount
+        if amount > self.amount:
+            raise CaptureExceedsHold(
+                f"hold {self.id} holds {self.amount}", hold_id=str(self.id), held=self.amount, requested=amount
+            )
+        return amount
+
+    def release(self, source: Account, destination: Account, status: HoldStatus) -> None:
+        """Give the held amount back to both accounts, and end the hold as `status`."""
+        source.release_debit(self.amount)
+        destination.release_credit(self.amount)
+        self.status = status
+
+
+def place_hold(hold: Hold, source: Account, destination: Account) -> None:
+    """Set a new hold's amount aside on both accounts (locked by the caller); all or nothing."""
+    if source.currency != hold.currency or destination.currency != hold.currency:
+        wrong = source if source.currency != hold.currency else destination
+        raise CurrencyMismatch(
+            f"account {wrong.id} holds {wrong.currency}, not {hold.currency}", account_id=str(wrong.id)
+        )
+    source.hold_debit(hold.amount)
+    try:
+        destination.hold_credit(hold.amount)
+    except LedgerError:
+        source.release_debit(hold.amount)
+        raise

@@ -37,6 +37,9 @@ ROUTES: list[tuple[str, str]] = [
     ("GET", "/v1/operations/{operation_id}/audit"),
     ("GET", "/v1/transactions/{transaction_id}"),
     ("POST", "/v1/transactions/{transaction_id}/reverse"),
+    ("GET", "/v1/holds/{hold_id}"),
+    ("POST", "/v1/holds/{hold_id}/capture"),
+    ("POST", "/v1/holds/{hold_id}/void"),
     ("GET", "/v1/webhook-endpoints/{endpoint_id}"),
     ("DELETE", "/v1/webhook-endpoints/{endpoint_id}"),
     ("POST", "/v1/webhook-endpoints/{endpoint_id}/roll-secret"),
@@ -75,6 +78,9 @@ async def a_world(api: TestClient[Any, Any], key: str) -> dict[str, str]:
     credit = await (
         await api.post("/v1/credits", json={"account_id": account, "amount": 50, "currency": "USD"}, headers=auth(key))
     ).json()
+    other = (await (await api.post("/v1/accounts", json={"currency": "USD"}, headers=auth(key))).json())["result"]
+    held = {"source_id": account, "destination_id": other["account"]["id"], "amount": 5, "currency": "USD"}
+    hold = await (await api.post("/v1/holds", json=held, headers=auth(key))).json()
     endpoint = await (
         await api.post(
             "/v1/webhook-endpoints",
@@ -87,6 +93,7 @@ async def a_world(api: TestClient[Any, Any], key: str) -> dict[str, str]:
         "operation_id": credit["id"],
         "transaction_id": credit["result"]["transaction"]["id"],
         "endpoint_id": endpoint["id"],
+        "hold_id": hold["result"]["hold"]["id"],
         "delivery_id": str(uuid.uuid4()),  # B cannot even reach A's endpoint, whatever delivery it names
     }
 
@@ -108,12 +115,19 @@ async def test_another_tenant_can_touch_nothing_by_id(
             code = document.get("code") or (document.get("problem") or {}).get("code")
             answers.append((response.status, code))
         assert answers[0] == answers[1], (method, template, answers)
-        assert answers[0][1] in {"account-not-found", "operation-not-found", "transaction-not-found", "not-found"} or (
-            answers[0][0] == 404
-        ), (method, template, answers)
+        assert answers[0][1] in {
+            "account-not-found",
+            "operation-not-found",
+            "transaction-not-found",
+            "hold-not-found",
+            "not-found",
+        } or (answers[0][0] == 404), (method, template, answers)
     # And A's world is as A left it.
     account = await (await api.get(f"/v1/accounts/{ids['account_id']}", headers=auth(a_key))).json()
     assert (account["status"], account["balance"]["posted"], account["metadata"]) == ("open", 50, {})
+    assert account["balance"]["pending_debits"] == 5
+    hold = await (await api.get(f"/v1/holds/{ids['hold_id']}", headers=auth(a_key))).json()
+    assert hold["status"] == "pending"
     endpoint = await api.get(f"/v1/webhook-endpoints/{ids['endpoint_id']}", headers=auth(a_key))
     assert endpoint.status == 200
 

@@ -16,10 +16,13 @@ from core.application.ports import (
     Completion,
     Event,
     ExistingKey,
+    HoldKey,
+    HoldRepository,
     IdempotencyStore,
     Ledger,
     OperationRecords,
     Outbox,
+    PlacedHold,
     Posting,
     QueuedKeys,
     QueueUnavailable,
@@ -28,7 +31,7 @@ from core.application.ports import (
     UnitOfWork,
 )
 from core.application.views import OperationResult, OperationStatus
-from core.domain.model import Account, AccountKey, Transaction
+from core.domain.model import Account, AccountKey, Hold, Transaction
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Books:
     """What the fake database holds; a unit of work edits a copy and swaps it in on commit."""
 
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
+    holds: dict[HoldKey, Hold] = field(default_factory=dict)
     transactions: list[tuple[Transaction, UUID]] = field(default_factory=list)
     keys: dict[tuple[str, str], tuple[str, OperationResult]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
@@ -57,6 +61,24 @@ class FakeAccounts(AccountRepository):
         for account in accounts:
             assert account.key in self.books.accounts, "the use case saves only accounts it locked"
             self.books.accounts[account.key] = account
+
+
+class FakeHolds(HoldRepository):
+    def __init__(self, books: Books) -> None:
+        self.books = books
+
+    def lock(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        return {k: h for k in sorted(keys) if (h := self.books.holds.get(k))}
+
+    def add(self, placed: Sequence[PlacedHold]) -> None:
+        for p in placed:
+            assert p.hold.key not in self.books.holds, "the use case adds only holds it locked free"
+            self.books.holds[p.hold.key] = p.hold
+
+    def save(self, holds: Sequence[Hold]) -> None:
+        for hold in holds:
+            assert hold.key in self.books.holds, "the use case saves only holds it locked"
+            self.books.holds[hold.key] = hold
 
 
 class FakeLedger(Ledger):
@@ -117,9 +139,13 @@ class FakeUnitOfWork(UnitOfWork):
         self.working = copy.deepcopy(self.committed_books)
         self.accounts = FakeAccounts(self.working)
         self.ledger = FakeLedger(self.working)
+        self.holds = FakeHolds(self.working)
         self.idempotency = FakeIdempotency(self.working)
         self.outbox = FakeOutbox(self.working)
         return self
+
+    def find_holds(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        return {k: copy.deepcopy(h) for k, h in self.committed_books.holds.items() if k in keys}
 
     def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:
         return {k: tx for tx, _ in self.committed_books.transactions if (k := (tx.tenant_id, tx.id)) in keys}

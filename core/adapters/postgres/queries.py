@@ -16,8 +16,10 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from core.adapters.postgres.uow import (
     ACCOUNT_COLUMNS,
+    HOLD_COLUMNS,
     TRANSACTION_COLUMNS,
     account_from_row,
+    hold_from_row,
     operation_from_row,
     transactions_from_rows,
 )
@@ -34,7 +36,7 @@ from core.application.ports import (
 )
 from core.application.views import OperationResult
 from core.domain.errors import AccountNotFound, RequestInvalid
-from core.domain.model import Account, Transaction
+from core.domain.model import Account, Hold, Transaction
 
 # Largest page a reader may ask for, in entries.
 MAX_PAGE_SIZE = 1000
@@ -66,6 +68,13 @@ def ledger_id(pool: ConnectionPool) -> str:
     return str(row[0])
 
 
+# Pending holds past their expiry, through holds_expiry_idx (pending holds with an expiry, and nothing else).
+DUE_HOLDS = (
+    "SELECT tenant_id, id, now() FROM holds WHERE status = 'pending' AND expires_at IS NOT NULL"
+    " AND expires_at <= now() ORDER BY expires_at LIMIT %s"
+)
+# One hold of one tenant, as it stands.
+HOLD = f"SELECT {HOLD_COLUMNS} FROM holds WHERE tenant_id = %s AND id = %s"
 # One account of one tenant, as it stands.
 ACCOUNT = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = %s AND tenant_id = %s"
 
@@ -308,6 +317,11 @@ class PostgresQueries(LedgerQueries):
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
 
+    def due_holds(self, *, limit: int) -> list[tuple[str, UUID, datetime]]:
+        """Pending holds past their expiry, the longest overdue first: (tenant, hold id, the database's now)."""
+        with self.pool.connection() as conn:
+            return [(row[0], row[1], row[2]) for row in conn.execute(DUE_HOLDS, (limit,)).fetchall()]
+
     def account(self, tenant_id: str, account_id: UUID) -> Account | None:
         with self.pool.connection() as conn:
             conn.isolation_level = IsolationLevel.READ_COMMITTED
@@ -364,6 +378,12 @@ class AsyncPostgresQueries:
             last_id, last_created_at = rows[limit - 1][0], rows[limit - 1][-1]
             next_cursor = encode_keyset_cursor(filters.digest(tenant_id), last_created_at, last_id)
         return AccountPage(accounts, next_cursor)
+
+    async def hold(self, tenant_id: str, hold_id: UUID) -> Hold | None:
+        """The tenant's hold, as it stands."""
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(HOLD, (tenant_id, hold_id))).fetchone()
+        return None if row is None else hold_from_row(row)
 
     async def transaction(self, tenant_id: str, transaction_id: UUID) -> tuple[Transaction, UUID] | None:
         """The tenant's transaction with its entries, and the operation that posted it."""

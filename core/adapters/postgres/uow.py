@@ -38,9 +38,12 @@ from core.application.ports import (
     Completion,
     Event,
     ExistingKey,
+    HoldKey,
+    HoldRepository,
     IdempotencyStore,
     Ledger,
     Outbox,
+    PlacedHold,
     Posting,
     StoreUnavailable,
     TransactionKey,
@@ -55,6 +58,8 @@ from core.domain.model import (
     AccountKind,
     AccountStatus,
     Entry,
+    Hold,
+    HoldStatus,
     OverdraftPolicy,
     Transaction,
     TransactionKind,
@@ -63,7 +68,8 @@ from core.domain.model import (
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 ACCOUNT_COLUMNS = (
-    "id, tenant_id, currency, kind, overdraft_limit, status, posted_balance, version, metadata, created_at"
+    "id, tenant_id, currency, kind, overdraft_limit, status, posted_balance, version, metadata, created_at,"
+    " pending_debits, pending_credits"
 )
 # Accounts by their (tenant, id) keys, one primary-key probe each (a group may serve many tenants).
 # ORDER BY the key: every transaction takes its row locks in the same global order, so A->B and B->A
@@ -101,6 +107,36 @@ def account_from_row(row: Sequence[Any]) -> Account:
         version=row[7],
         metadata=row[8],
         created_at=row[9],
+        pending_debits=row[10],
+        pending_credits=row[11],
+    )
+
+
+HOLD_COLUMNS = (
+    "tenant_id, id, source_id, destination_id, currency, amount, expires_at, created_at, metadata, status,"
+    " captured_amount, capture_transaction_id"
+)
+# Holds by their (tenant, id) keys, one primary-key probe each; locked in key order, like accounts.
+LOCK_HOLDS = (
+    f"SELECT {HOLD_COLUMNS} FROM json_to_recordset(%s::json) AS k(t text, i uuid)"
+    " JOIN holds h ON h.tenant_id = k.t AND h.id = k.i ORDER BY h.tenant_id, h.id FOR UPDATE OF h"
+)
+
+
+def hold_from_row(row: Sequence[Any]) -> Hold:
+    return Hold(
+        tenant_id=row[0],
+        id=row[1],
+        source_id=row[2],
+        destination_id=row[3],
+        currency=row[4],
+        amount=row[5],
+        expires_at=row[6],
+        created_at=row[7],
+        metadata=row[8],
+        status=HoldStatus(row[9]),
+        captured_amount=row[10],
+        capture_transaction_id=row[11],
     )
 
 
@@ -184,10 +220,10 @@ class PostgresAccounts(AccountRepository):
     def add(self, accounts: Sequence[Account]) -> None:
         self.conn.execute(
             "INSERT INTO accounts (id, tenant_id, currency, kind, system_role, overdraft_limit, status,"
-            " posted_balance, version, metadata, created_at, updated_at)"
-            " SELECT id, t, c, k, CASE WHEN k = 'system' THEN 'external' END, o, s, b, v, m, at, at"
+            " posted_balance, version, metadata, created_at, updated_at, pending_debits, pending_credits)"
+            " SELECT id, t, c, k, CASE WHEN k = 'system' THEN 'external' END, o, s, b, v, m, at, at, pd, pc"
             " FROM json_to_recordset(%s::json) AS u(id uuid, t text, c text, k text, o bigint, s text, b bigint,"
-            " v bigint, m jsonb, at timestamptz)",
+            " v bigint, m jsonb, at timestamptz, pd bigint, pc bigint)",
             (
                 rows_json(
                     [
@@ -202,6 +238,8 @@ class PostgresAccounts(AccountRepository):
                             "v": a.version,
                             "m": a.metadata,
                             "at": a.created_at,
+                            "pd": a.pending_debits,
+                            "pc": a.pending_credits,
                         }
                         for a in accounts
                     ]
@@ -211,14 +249,82 @@ class PostgresAccounts(AccountRepository):
 
     def save(self, accounts: Sequence[Account]) -> None:
         self.conn.execute(
-            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, metadata = u.m, updated_at = now()"
-            " FROM json_to_recordset(%s::json) AS u(t text, id uuid, b bigint, v bigint, s text, m jsonb)"
+            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, metadata = u.m,"
+            " pending_debits = u.pd, pending_credits = u.pc, updated_at = now()"
+            " FROM json_to_recordset(%s::json)"
+            " AS u(t text, id uuid, b bigint, v bigint, s text, m jsonb, pd bigint, pc bigint)"
             " WHERE accounts.tenant_id = u.t AND accounts.id = u.id",
             (
                 rows_json(
                     [
-                        {"t": a.tenant_id, "id": a.id, "b": a.balance, "v": a.version, "s": a.status, "m": a.metadata}
+                        {
+                            "t": a.tenant_id,
+                            "id": a.id,
+                            "b": a.balance,
+                            "v": a.version,
+                            "s": a.status,
+                            "m": a.metadata,
+                            "pd": a.pending_debits,
+                            "pc": a.pending_credits,
+                        }
                         for a in accounts
+                    ]
+                ),
+            ),
+        )
+
+
+class PostgresHolds(HoldRepository):
+    def __init__(self, conn: Connection[TupleRow]) -> None:
+        self.conn = conn
+
+    def lock(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        holds = (hold_from_row(row) for row in self.conn.execute(LOCK_HOLDS, (keys_json(keys),)).fetchall())
+        return {hold.key: hold for hold in holds}
+
+    def add(self, placed: Sequence[PlacedHold]) -> None:
+        self.conn.execute(
+            "INSERT INTO holds (tenant_id, id, source_id, destination_id, currency, amount, expires_at, operation_id,"
+            " metadata, created_at, updated_at)"
+            " SELECT t, id, s, d, c, a, x, o, m, at, at FROM json_to_recordset(%s::json)"
+            " AS u(t text, id uuid, s uuid, d uuid, c text, a bigint, x timestamptz, o uuid, m jsonb, at timestamptz)",
+            (
+                rows_json(
+                    [
+                        {
+                            "t": p.hold.tenant_id,
+                            "id": p.hold.id,
+                            "s": p.hold.source_id,
+                            "d": p.hold.destination_id,
+                            "c": p.hold.currency,
+                            "a": p.hold.amount,
+                            "x": p.hold.expires_at,
+                            "o": p.operation_id,
+                            "m": p.hold.metadata,
+                            "at": p.hold.created_at,
+                        }
+                        for p in placed
+                    ]
+                ),
+            ),
+        )
+
+    def save(self, holds: Sequence[Hold]) -> None:
+        self.conn.execute(
+            "UPDATE holds SET status = u.s, captured_amount = u.ca, capture_transaction_id = u.ct, updated_at = now()"
+            " FROM json_to_recordset(%s::json) AS u(t text, id uuid, s text, ca bigint, ct uuid)"
+            " WHERE holds.tenant_id = u.t AND holds.id = u.id",
+            (
+                rows_json(
+                    [
+                        {
+                            "t": h.tenant_id,
+                            "id": h.id,
+                            "s": h.status,
+                            "ca": h.captured_amount,
+                            "ct": h.capture_transaction_id,
+                        }
+                        for h in holds
                     ]
                 ),
             ),
@@ -422,8 +528,19 @@ class PostgresUnitOfWork(UnitOfWork):
         self.idempotency = PostgresIdempotency(self.conn)
         self.accounts = PostgresAccounts(self.conn, prelocked=prelocked)
         self.ledger = PostgresLedger(self.conn)
+        self.holds = PostgresHolds(self.conn)
         self.outbox = PostgresOutbox(self.conn)
         return self
+
+    def find_holds(self, keys: Collection[HoldKey]) -> dict[HoldKey, Hold]:
+        try:
+            with self.pool.connection() as conn:
+                rows = conn.execute(LOCK_HOLDS.removesuffix(" FOR UPDATE OF h"), (keys_json(keys),)).fetchall()
+        except psycopg.Error as exc:
+            raise_translated(exc)
+            raise
+        holds = (hold_from_row(row) for row in rows)
+        return {hold.key: hold for hold in holds}
 
     def find_transactions(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, Transaction]:
         try:

@@ -82,6 +82,25 @@ CHECKS: dict[str, str] = {
             SELECT sum(oe.amount) FROM entries oe WHERE oe.transaction_id = o.id AND oe.amount > 0
         )
     """,
+    "pending debits and credits are the sums of the pending holds from and toward each account": """
+        SELECT a.tenant_id, a.id, a.pending_debits, coalesce(d.held, 0), a.pending_credits, coalesce(c.held, 0)
+        FROM accounts a
+        LEFT JOIN (SELECT tenant_id, source_id, sum(amount) AS held FROM holds WHERE status = 'pending'
+                   GROUP BY tenant_id, source_id) d ON d.tenant_id = a.tenant_id AND d.source_id = a.id
+        LEFT JOIN (SELECT tenant_id, destination_id, sum(amount) AS held FROM holds WHERE status = 'pending'
+                   GROUP BY tenant_id, destination_id) c ON c.tenant_id = a.tenant_id AND c.destination_id = a.id
+        WHERE a.pending_debits <> coalesce(d.held, 0) OR a.pending_credits <> coalesce(c.held, 0)
+    """,
+    "a captured hold posted one capture of at most its amount, from its source to its destination": """
+        SELECT h.tenant_id, h.id, h.amount, h.captured_amount, t.kind
+        FROM holds h LEFT JOIN transactions t ON t.id = h.capture_transaction_id AND t.tenant_id = h.tenant_id
+        WHERE h.status = 'captured' AND (
+            t.id IS NULL OR t.kind <> 'capture' OR h.captured_amount > h.amount
+            OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.transaction_id = t.id AND e.account_id = h.source_id
+                           AND e.amount = -h.captured_amount)
+            OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.transaction_id = t.id AND e.account_id = h.destination_id
+                           AND e.amount = h.captured_amount))
+    """,
     "every posting has exactly one settled operation and idempotency key": """
         SELECT t.id, t.operation_id, k.status FROM transactions t
         LEFT JOIN idempotency_keys k ON k.operation_id = t.operation_id
