@@ -214,11 +214,7 @@ class Operation:
     batch_item: int | None = None  # an item of a batch: its index there
 
     def event(self, event_type: str, tenant_id: str, payload: dict[str, Any], now: datetime) -> Event:
-        context: dict[str, Any] = {"operation_id": str(self.id), "idempotency_key": self.idempotency_key}
-        if self.batch_item is None:
-            context["request"] = self.request
-        else:  # the batch's own event carries the request, once, and not each of its up to 1,000 items
-            context["batch_item"] = self.batch_item
+        context = {"operation_id": str(self.id), "idempotency_key": self.idempotency_key, "request": self.request}
         return Event(event_type, tenant_id, {**context, **payload}, now)
 
     def item(self, index: int) -> Operation:
@@ -321,12 +317,22 @@ class _Books:
         return account
 
     def _batch(self, command: Batch, operation: Operation) -> dict[str, object]:
-        """Each item on its own, in order: one refused leaves the others as they would be without it."""
-        items = []
+        """Each item on its own, in order: one refused leaves the others as they would be without it.
+
+        A batch stages one event, `batch.settled`, its snapshot: the request and every item's outcome. An item
+        stages none of its own, so 1,000 transfers cost one outbox row, one message and one audit record, not
+        1,000. An item's outcome leaves out the accounts as they then stood: its entries' `balance_after` say
+        the same, and a batch's result stays near 300 bytes an item."""
+        items: list[dict[str, Any]] = []
         for index, item in enumerate(command.items):
+            staged = len(self.events)
             outcome = self.settle(item, operation.item(index))
-            items.append({"status": str(outcome.status), **(outcome.outcome_json() or {})})
-        # The operation's snapshot: the request and every item's outcome.
+            del self.events[staged:]
+            if outcome.result is not None:
+                result = {k: v for k, v in outcome.result.items() if k != "accounts"}
+                items.append({"status": str(outcome.status), "result": result})
+            else:
+                items.append({"status": str(outcome.status), "problem": outcome.problem})
         self.events.append(operation.event("batch.settled", command.tenant_id, {"items": items}, self.now))
         return {"items": items}
 
