@@ -65,7 +65,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -338,6 +338,14 @@ def cleanledger(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
     )
 
 
+def api_key(env: dict[str, str], tenant: str) -> str:
+    """A new API key of `tenant`, from `cleanledger create-api-key`: its secret."""
+    made = cleanledger(env, "create-api-key", "--tenant", tenant)
+    if made.returncode != 0:
+        raise RuntimeError(f"create-api-key failed: {made.stderr}")
+    return made.stdout.strip().splitlines()[-1]
+
+
 # --- HTTP ------------------------------------------------------------------------------------------------------
 async def settled_request(session: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST until the operation settled (setup): waits with `Prefer: wait=30`, honours 409/429/503."""
@@ -371,7 +379,10 @@ async def open_accounts(session: aiohttp.ClientSession, accounts: int, concurren
     return list(await asyncio.gather(*(one() for _ in range(accounts))))
 
 
-def body_maker(case: str, ids: list[str]) -> tuple[str, Any]:
+BodyMaker = Callable[[random.Random], dict[str, Any]]  # a request's body from the load loop's own random stream
+
+
+def body_maker(case: str, ids: list[str]) -> tuple[str, BodyMaker]:
     hot, others = ids[0], ids[1:]
 
     def uniform(rng: random.Random) -> dict[str, Any]:
@@ -427,19 +438,24 @@ async def generate(
     in_flight: int,
     seconds: int,
     rate: float | None = None,
+    request: tuple[str, BodyMaker] | None = None,
+    wait_s: int = WAIT_S,
+    is_settled: Callable[[bytes], bool] = settled_answer,
 ) -> Load:
     """Closed loop (`rate` None): `in_flight` loops, each sending its next POST as soon as the previous one was
     answered, for `seconds`. Open loop (`rate` requests/s): one POST every 1/rate s, whatever the answers, at
     most `in_flight` at once; a latency counts from when the request was due, so a stalled server is not
-    excused by the requests it kept from being sent (no coordinated omission)."""
-    path, make = body_maker(case, ids)
+    excused by the requests it kept from being sent (no coordinated omission).
+    `request` (path, body maker) replaces the case's; in wait mode (`Prefer: wait=<wait_s>`) `is_settled` judges
+    each 200/201 answer's body: does it carry the final outcome (bench/batches.py also reads its items)."""
+    path, make = request or body_maker(case, ids)
     load = Load()
     url = f"{API}{path}"
     started = time.perf_counter()
     deadline = started + seconds
     headers = {"Content-Type": "application/json"}
     if wait:
-        headers["Prefer"] = f"wait={WAIT_S}"
+        headers["Prefer"] = f"wait={wait_s}"
 
     async def post(rng: random.Random, due: float) -> None:
         data = json.dumps(make(rng)).encode()
@@ -448,7 +464,7 @@ async def generate(
             async with session.post(url, data=data, headers=request_headers) as response:
                 raw = await response.read()
                 load.statuses[response.status] += 1
-                if wait and response.status in (200, 201) and settled_answer(raw):
+                if wait and response.status in (200, 201) and is_settled(raw):
                     load.settled_in_answer += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             load.errors[type(exc).__name__] += 1
@@ -613,10 +629,15 @@ async def run_phase(
     tenant: str = TENANT,
     extra_kinds: dict[str, list[int]] | None = None,
     rate: float | None = None,
+    prefix: str | None = None,
+    request: tuple[str, BodyMaker] | None = None,
+    wait_s: int = WAIT_S,
+    is_settled: Callable[[bytes], bool] = settled_answer,
 ) -> Phase:
     """One measured phase. The blocking calls (checkpoint, /proc, the drain's queries) run while no request is
-    in flight."""
-    prefix = f"{case}-{mode}-{uuid.uuid4().hex[:8]}-"
+    in flight. `prefix` starts every Idempotency-Key of the phase (default: case, mode and a random part);
+    `request`, `wait_s` and `is_settled` go to `generate`."""
+    prefix = prefix or f"{case}-{mode}-{uuid.uuid4().hex[:8]}-"
     kinds = phase_kinds(stack, extra_kinds)
     checkpoint(db_url)
     meter = CpuMeter(kinds)
@@ -633,6 +654,9 @@ async def run_phase(
         in_flight=in_flight,
         seconds=seconds,
         rate=rate,
+        request=request,
+        wait_s=wait_s,
+        is_settled=is_settled,
     )
     outbox_backlog = backlog.stop()
     view, drained = drain(conn, prefix, drain_s, tenant)
@@ -1357,10 +1381,7 @@ def main() -> None:
                 )
             stack.start()
             stack.wait_ready(extra_ports=(MONGO_PORT,) if comparison and stack.runs("mongo") else ())
-            made = cleanledger(env, "create-api-key", "--tenant", tenant)
-            if made.returncode != 0:
-                raise RuntimeError(f"create-api-key failed: {made.stderr}")
-            secret = made.stdout.strip().splitlines()[-1]
+            secret = api_key(env, tenant)
             if comparison is None:
                 facts["setup_seconds"], phases = asyncio.run(
                     measure(stack, secret, db_url=db_url, args=args, cases=cases, modes=modes)
