@@ -14,6 +14,7 @@ from uuid import UUID
 import structlog
 from aiohttp import web
 
+from core.adapters import json_text
 from core.adapters.metrics import OPERATIONS_ACCEPTED, exposition
 from core.application.commands import Command, validate_idempotency_key
 from core.application.ports import AccountFilters, AuditUnavailable, EntryView, TransactionFilters
@@ -161,7 +162,7 @@ def operation_response(
     """202 while pending; once settled 201 (succeeded in this very call) or 200."""
     status = document["status"]
     code = 202 if status == "pending" else 201 if created and status == "succeeded" else 200
-    response = web.json_response(document, status=code)
+    response = web.json_response(document, status=code, dumps=json_text.dumps)  # a batch's: 1,000 outcomes
     response.headers["Location"] = operation_path(document["id"])
     if waited is not None:
         response.headers["Preference-Applied"] = f"wait={waited}"

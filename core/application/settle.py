@@ -270,7 +270,7 @@ class _Books:
             if not error.permanent:
                 raise
             log.info("operation.rejected", operation_id=str(operation_id), code=error.code)
-            self.events.append(rejected_event(command, operation, error, self.now))
+            self._stage(operation, rejected_event(command, operation, error, self.now))
             return OperationResult.failed(operation_id, error)
         return OperationResult.succeeded(operation_id, result)
 
@@ -325,14 +325,8 @@ class _Books:
         the same, and a batch's result stays near 300 bytes an item."""
         items: list[dict[str, Any]] = []
         for index, item in enumerate(command.items):
-            staged = len(self.events)
             outcome = self.settle(item, operation.item(index))
-            del self.events[staged:]
-            if outcome.result is not None:
-                result = {k: v for k, v in outcome.result.items() if k != "accounts"}
-                items.append({"status": str(outcome.status), "result": result})
-            else:
-                items.append({"status": str(outcome.status), "problem": outcome.problem})
+            items.append({"status": str(outcome.status), **(outcome.outcome_json() or {})})
         self.events.append(operation.event("batch.settled", command.tenant_id, {"items": items}, self.now))
         return {"items": items}
 
@@ -351,7 +345,7 @@ class _Books:
             )
         )
         body = account_json(account)
-        self.events.append(operation.event("account.created", command.tenant_id, {"account": body}, self.now))
+        self._stage(operation, operation.event("account.created", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
 
     def _customer_account(self, tenant_id: str, account_id: UUID) -> Account:
@@ -512,7 +506,7 @@ class _Books:
             "hold": hold_json(hold),
             "accounts": [account_json(source), account_json(destination)],
         }
-        self.events.append(operation.event(event_type, hold.tenant_id, result, self.now))
+        self._stage(operation, operation.event(event_type, hold.tenant_id, result, self.now))
         return result
 
     def _posted(
@@ -522,11 +516,14 @@ class _Books:
         for account in touched:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id, operation.batch_item))
-        result: dict[str, object] = {
-            **extra,
-            "transaction": transaction_json(transaction),
-            "accounts": [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER],
-        }
-        # The event is the operation's snapshot: the transaction, its entries and the balances they left.
-        self.events.append(operation.event("transaction.posted", transaction.tenant_id, result, self.now))
+        result: dict[str, object] = {**extra, "transaction": transaction_json(transaction)}
+        if operation.batch_item is None:  # a batch's item: its entries' balance_after say the same
+            result["accounts"] = [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER]
+            # The event is the operation's snapshot: the transaction, its entries and the balances they left.
+            self.events.append(operation.event("transaction.posted", transaction.tenant_id, result, self.now))
         return result
+
+    def _stage(self, operation: Operation, event: Event) -> None:
+        """Stage the event of an operation's outcome; a batch's items stage none (see `_batch`)."""
+        if operation.batch_item is None:
+            self.events.append(event)

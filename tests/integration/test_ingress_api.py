@@ -114,7 +114,7 @@ async def test_post_then_poll_walkthrough(api: TestClient[Any, Any], api_key: st
     assert status == 201  # 2,500 in, 3,000 out: within b's 500 overdraft
 
     account = await (await api.get(f"/v1/accounts/{b}", headers=headers(api_key))).json()
-    assert account["balance"] == {"posted": -500, "pending": 0, "available": -500}
+    assert account["balance"] == {"posted": -500, "pending_debits": 0, "pending_credits": 0, "available": -500}
     assert account["overdraft_limit"] == 500
     assert account["metadata"] == {"owner": "bob"}
 

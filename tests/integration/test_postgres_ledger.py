@@ -280,7 +280,7 @@ def test_create_account_defaults_to_no_overdraft(ledger: LedgerService, tenant: 
     assert result.result is not None
     body = result.result["account"]
     assert body["debits_must_not_exceed_credits"] is True and body["currency"] == "BHD"
-    assert body["balance"] == {"posted": 0, "pending": 0, "available": 0}
+    assert body["balance"] == {"posted": 0, "pending_debits": 0, "pending_credits": 0, "available": 0}
 
 
 @contextlib.contextmanager

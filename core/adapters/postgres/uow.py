@@ -18,7 +18,6 @@ reached becomes `StoreUnavailable`.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -32,6 +31,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
+from core.adapters import json_text
 from core.application.ports import (
     AccountRepository,
     Claim,
@@ -188,15 +188,8 @@ def raise_translated(exc: psycopg.Error) -> None:
 
 
 def rows_json(rows: Sequence[dict[str, Any]]) -> str:
-    """A group's rows as one JSON array, the single parameter of a `json_to_recordset` statement.
-
-    orjson writes UUIDs, timestamps and enums itself, several times faster than the standard library; an
-    integer beyond 64 bits in client metadata is the one thing it refuses, and then the standard library
-    writes that group instead (the database keeps such a number exact either way)."""
-    try:
-        return orjson.dumps(rows).decode()
-    except TypeError:
-        return json.dumps(rows, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+    """A group's rows as one JSON array, the single parameter of a `json_to_recordset` statement."""
+    return json_text.dumps(rows)
 
 
 # Every write below is one statement for the whole group, whatever its size. Its rows travel as one JSON

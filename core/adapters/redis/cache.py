@@ -16,6 +16,7 @@ import redis
 import redis.asyncio
 import structlog
 
+from core.adapters import json_text
 from core.adapters.redis.client import REDIS_ERRORS, describe
 from core.adapters.redis.keys import SETTLED_CHANNEL, idempotency_key, result_key
 from core.application.ports import Claim, QueuedKeys
@@ -118,7 +119,7 @@ class SettlementPublisher:
         payloads: list[tuple[str, str]] = []
         for operation_id, document in settled:
             try:
-                payloads.append((operation_id, json.dumps(document, separators=(",", ":"))))
+                payloads.append((operation_id, json_text.dumps(document)))
             except (TypeError, ValueError) as exc:
                 log.error("settlement.unserializable", operation_id=operation_id, error=describe(exc))
         if not payloads:

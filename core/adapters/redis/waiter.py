@@ -225,6 +225,8 @@ class SettlementWaiter:
         data = message.get("data")
         if message.get("type") != "message" or not isinstance(data, bytes) or not self._waiters:
             return  # nobody here waits: not even parsed
+        if not any(operation_id.encode() in data for operation_id in self._waiters):
+            return  # a group that settled none of this node's waiters (a batch's may be 300 KB): not parsed
         try:
             settled = orjson.loads(data)
         except orjson.JSONDecodeError:
