@@ -5,6 +5,7 @@ runs; the baseline is the plain-SQL posting, which commits every transfer on its
 
     .venv/bin/python bench/batches.py [--in-flight 4] [--batch-size 1000] [--seconds 20] [--accounts 10000]
                                       [--baseline-clients 16] [--drain-seconds 60] [--no-baseline]
+                                      [--without audit,mongo,webhooks]
 
 1. Baseline first (bench/baseline.py): the plain-SQL `post_transfer` driven by pgbench, uniform (random source
    and destination) over `--accounts` accounts, for `--seconds`, with `--baseline-clients` clients: 16 by
@@ -40,6 +41,8 @@ runs; the baseline is the plain-SQL posting, which commits every transfer on its
    `--batch-size`; `cleanledger verify` exits 0; the plain-SQL books balance. Exit 1 if one fails.
    Ratios: postings settled/s of the batches over plain-SQL uniform tps (issue 11 asks for >= 1.0), to the last
    settlement and to the last answer.
+`--without NAMES` leaves those Procfile lines out of the stack (not nginx nor an ingress node: the load goes through
+them); without `audit` the ingress sends no request records either. It measures the posting path alone.
 Everything is stopped (SIGTERM to each process group, SIGKILL after 10 s), the queues, the Redis copies and the
 database dropped, in finally blocks, as bench/e2e.py does. Results go to bench/results/batches-<UTC>.json.
 """
@@ -69,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import describe, plain_sql
 from common import fresh_database, machine_facts, print_machine, ratio, run_started, write_results
 from e2e import (
+    LOAD_PATH_KINDS,
     OPENING_CREDIT,
     BodyMaker,
     Phase,
@@ -78,6 +82,7 @@ from e2e import (
     body_maker,
     cleanledger,
     forget_redis_copies,
+    kind_of,
     preflight,
     private_queue,
     procfile,
@@ -295,11 +300,20 @@ def main() -> None:
     parser.add_argument("--baseline-clients", type=int, default=BASELINE_CLIENTS, help="pgbench clients")
     parser.add_argument("--drain-seconds", type=float, default=60.0, help="longest wait for the phase to settle")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain-SQL baseline (no ratio)")
+    parser.add_argument(
+        "--without",
+        default="",
+        help="Procfile names to leave out, comma-separated (e.g. audit,mongo,webhooks: the posting path alone)",
+    )
     args = parser.parse_args()
     if not 1 <= args.batch_size <= MAX_BATCH_ITEMS:
         parser.error(f"--batch-size is 1 to {MAX_BATCH_ITEMS}")
     if args.accounts < 2 or args.in_flight < 1 or args.seconds < 1:
         parser.error("--accounts is at least 2, --in-flight and --seconds at least 1")
+    without = frozenset(name.strip() for name in args.without.split(",") if name.strip())
+    names = [name for name, _ in procfile()]
+    if without - set(names) or any(kind_of(name) in LOAD_PATH_KINDS for name in without):
+        parser.error(f"--without takes Procfile names off the load path ({', '.join(names)}); not {sorted(without)}")
     preflight()
     started = run_started()
     machine = machine_facts()
@@ -320,8 +334,10 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="cleanledger-batches-"))
     with fresh_database("bench_batches") as db_url, private_queue(settings.amqp_url) as queue:
         env = stack_env(db_url, queue)
+        if "audit" in without:  # nobody to read the ingress's request records: they are not sent
+            env["CLEANLEDGER_AUDIT_REQUESTS"] = "false"
         migrate(Settings.from_env(env))
-        stack = Stack(env, log_dir, mongo_dir=log_dir / "mongo")
+        stack = Stack(env, log_dir, exclude=without, mongo_dir=log_dir / "mongo")
         try:
             stack.start()
             stack.wait_ready()

@@ -237,7 +237,7 @@ class CommandWorker:
                 verdicts.refuse(delivery, reply, exc)
                 continue
             for document, queued in carried:
-                submission = Submission(queued.command, queued.idempotency_key, queued.operation_id)
+                submission = Submission(queued.command, queued.idempotency_key, queued.operation_id, queued.request)
                 parsed.append(Parsed(delivery, document, submission, queued.retries, queued.reply, len(carried) > 1))
         # One query authenticates every client message of the group; the tenant is the key's, never the body's.
         keys = find_api_keys(self.ledger.pool, {request.secret for _, request, _ in requests}) if requests else {}

@@ -61,6 +61,9 @@ class Submission:
     command: Command
     idempotency_key: str
     operation_id: UUID
+    # The command's JSON form (`Command.to_json()`) when the caller has it already, as a queue message carries
+    # it: a batch's is 1,000 items, not written again.
+    request: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     claims: dict[tuple[str, str], Claim] = {}
     for submission in submissions:
         command, key = submission.command, submission.idempotency_key
-        body = command.to_json()
+        body = submission.request if submission.request is not None else command.to_json()
         bodies.append(body)
         fingerprints.append(command.fingerprint(body))
         if (command.tenant_id, key) not in claims:

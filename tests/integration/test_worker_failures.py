@@ -61,7 +61,9 @@ def test_one_stored_request_that_no_longer_rebuilds_does_not_stop_the_sweep(
     record_pending(ledger, command, "readable", fine)
     with psycopg.connect(settings.database_url, autocommit=True) as db:
         # As a lossy JSONB round trip can leave it: the stored copy no longer makes a valid command.
-        db.execute("UPDATE operations SET request = request || '{\"amount\": -1}' WHERE id = %s", (broken,))
+        db.execute(
+            "UPDATE operations SET request = (request::jsonb || '{\"amount\": -1}')::json WHERE id = %s", (broken,)
+        )
         db.execute("UPDATE operations SET created_at = created_at - interval '1 hour' WHERE id = %s", (broken,))
     publisher = CommandPublisher(settings.amqp_url, queue_name=settings.command_queue)
     try:

@@ -82,8 +82,9 @@ LOCK_ACCOUNTS = (
 
 
 def keys_json(keys: Collection[tuple[str, UUID]]) -> str:
-    """(tenant, id) keys of accounts or transactions, sorted, as the JSON array the statements below take."""
-    return orjson.dumps([{"t": tenant, "i": account_id} for tenant, account_id in sorted(keys)]).decode()
+    """(tenant, id) keys of accounts, holds or transactions as the JSON array the statements below take (in any
+    order: a statement that locks orders its rows itself)."""
+    return orjson.dumps([{"t": tenant, "i": key_id} for tenant, key_id in keys]).decode()
 
 
 def advisory_key(key: AccountKey) -> int:
@@ -405,7 +406,7 @@ class PostgresIdempotency(IdempotencyStore):
     def complete(self, completions: Sequence[Completion]) -> None:
         self.conn.execute(
             "UPDATE idempotency_keys k SET status = u.s, response = u.r, settled_at = now()"
-            " FROM json_to_recordset(%s::json) AS u(t text, k text, s text, r jsonb)"
+            " FROM json_to_recordset(%s::json) AS u(t text, k text, s text, r json)"
             " WHERE k.tenant_id = u.t AND k.key = u.k",
             (
                 rows_json(
@@ -429,7 +430,7 @@ class PostgresIdempotency(IdempotencyStore):
 CLAIM_KEYS = (
     "WITH input AS ("
     "  SELECT * FROM json_to_recordset(%s::json)"
-    "  AS i(tenant text, key text, fp text, op uuid, type text, request jsonb)"
+    "  AS i(tenant text, key text, fp text, op uuid, type text, request json)"
     "), claimed AS ("
     "  INSERT INTO idempotency_keys (tenant_id, key, fingerprint, operation_id)"
     "  SELECT tenant, key, fp, op FROM input ON CONFLICT DO NOTHING RETURNING tenant_id, key, operation_id"
@@ -484,7 +485,7 @@ class PostgresOutbox(Outbox):
         self.conn.execute(
             "INSERT INTO outbox (event_id, event_type, tenant_id, payload, occurred_at)"
             " SELECT i, t, tn, p, at FROM json_to_recordset(%s::json)"
-            " AS u(i uuid, t text, tn text, p jsonb, at timestamptz)",
+            " AS u(i uuid, t text, tn text, p json, at timestamptz)",
             (
                 rows_json(
                     [{"i": e.id, "t": e.type, "tn": e.tenant_id, "p": e.payload, "at": e.occurred_at} for e in events]

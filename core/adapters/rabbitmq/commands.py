@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
+import orjson
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -58,6 +59,7 @@ class QueuedCommand:
     command: Command
     retries: int  # times it was already sent back for a later try
     reply: ReplyTo | None  # a direct AMQP producer's, carried along through retries
+    request: dict[str, Any]  # the command's JSON form as the message carried it: `command.to_json()`
 
 
 def parse_command_message(body: bytes) -> list[tuple[dict[str, Any], QueuedCommand]]:
@@ -65,7 +67,7 @@ def parse_command_message(body: bytes) -> list[tuple[dict[str, Any], QueuedComma
     an `execute_command` message, many for an `execute_commands` batch. `ValidationFailed` when the message
     is not one of them; a batch is refused whole."""
     try:
-        document = json.loads(body)
+        document = orjson.loads(body)
         options = document.get("options", {})
         retries = options.get("retries", 0)
         if type(retries) is not int or retries < 0:
@@ -82,7 +84,7 @@ def parse_command_message(body: bytes) -> list[tuple[dict[str, Any], QueuedComma
                 for item in items
             ]
         return [(document, _queued(document["kwargs"], retries, reply))]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # orjson's JSONDecodeError is a ValueError
         raise ValidationFailed(f"not a command message: {exc}") from None
 
 
@@ -93,6 +95,7 @@ def _queued(kwargs: dict[str, Any], retries: int, reply: ReplyTo | None) -> Queu
         command_from_json(kwargs["command"]),
         retries,
         reply,
+        kwargs["command"],
     )
 
 
