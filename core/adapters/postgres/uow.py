@@ -5,8 +5,8 @@ A unit that declared its write set (the accounts it will write) first queues beh
 on session advisory locks, taken in key order in autocommit before BEGIN (1 round trip). Only then does it
 begin and take its snapshot, so it never meets a newer version of a row it locks: without this, every
 writer that waited on a hot account's row lock would fail with 40001 "concurrent update" once the holder
-committed, and hot accounts would turn into a lottery of retries. The row locks (`SELECT ... FOR UPDATE`)
-are queued with BEGIN and sent with the idempotency claim (1). New accounts, transactions, entries,
+committed, and hot accounts would turn into a lottery of retries. The accounts' rows are read (see
+LOCK_ACCOUNTS) with BEGIN and sent with the idempotency claim (1). New accounts, transactions, entries,
 balances, outcomes, outbox, COMMIT and the advisory unlock are queued together and flushed at commit (1).
 Three round trips per unit, however many commands it settles.
 
