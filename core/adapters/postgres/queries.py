@@ -374,9 +374,10 @@ class AsyncPostgresQueries:
             rows = await (await conn.execute(query, params)).fetchall()
         accounts = [account_from_row(row) for row in rows[:limit]]
         next_cursor = None
-        if len(rows) > limit:  # the last shown row is where the next page starts
-            last_id, last_created_at = rows[limit - 1][0], rows[limit - 1][-1]
-            next_cursor = encode_keyset_cursor(filters.digest(tenant_id), last_created_at, last_id)
+        if len(rows) > limit:  # the last shown account is where the next page starts
+            last = accounts[-1]
+            assert last.created_at is not None  # a stored account has its time
+            next_cursor = encode_keyset_cursor(filters.digest(tenant_id), last.created_at, last.id)
         return AccountPage(accounts, next_cursor)
 
     async def hold(self, tenant_id: str, hold_id: UUID) -> Hold | None:
