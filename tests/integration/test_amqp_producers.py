@@ -449,3 +449,26 @@ def test_generated_hostile_messages_are_each_answered_and_the_worker_lives_on(
         "credit", {"account_id": str(account), "amount": 5, "currency": "USD"}, secret=secret, message_id=key()
     )
     assert settled["status"] == "succeeded"  # and the worker still settles
+
+
+def test_holds_reversals_and_batches_over_amqp_as_over_http(
+    producer: Producer, ledger: LedgerService, tenant: str, secret: str
+) -> None:
+    a, b = open_account(ledger, tenant), open_account(ledger, tenant)
+    credit(ledger, tenant, a, 1_000)
+    held = {"source_id": str(a), "destination_id": str(b), "amount": 300, "currency": "USD"}
+    _, placed = producer.call("create_hold", held, secret=secret, message_id=key())
+    hold = placed["result"]["hold"]["id"]
+    _, captured = producer.call("capture_hold", {"hold_id": hold, "amount": 200}, secret=secret, message_id=key())
+    assert (captured["status"], captured["result"]["hold"]["status"]) == ("succeeded", "captured")
+    _, again = producer.call("void_hold", {"hold_id": hold}, secret=secret, message_id=key())
+    assert again["problem"]["code"] == "hold-not-pending"
+    transaction = captured["result"]["transaction"]["id"]
+    _, reversed_ = producer.call(
+        "reverse_transaction", {"transaction_id": transaction, "amount": 50}, secret=secret, message_id=key()
+    )
+    assert reversed_["result"]["transaction"]["reverses"] == transaction
+    items = [{"type": "transfer", **held, "amount": 1} for _ in range(600)]  # past one command's 64 KiB
+    _, batch = producer.call("batch", {"items": items}, secret=secret, message_id=key())
+    assert [i["status"] for i in batch["result"]["items"]] == ["succeeded"] * 600
+    assert (balance(ledger, tenant, a), balance(ledger, tenant, b)) == (1_000 - 200 + 50 - 600, 200 - 50 + 600)

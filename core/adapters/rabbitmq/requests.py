@@ -22,13 +22,15 @@ from typing import Any
 import pika.spec
 
 from core.adapters.rabbitmq.commands import ReplyTo
-from core.application.commands import validate_idempotency_key
+from core.application.commands import Batch, validate_idempotency_key
 from core.application.requests import BODIES, Body, parse_body
 from core.domain.errors import IdempotencyKeyMissing, PayloadTooLarge, Unauthorized, ValidationFailed
 
 AUTHORIZATION_HEADER = "authorization"
-# Largest message body accepted, in bytes: the HTTP limit (`CLEANLEDGER_MAX_BODY_BYTES`'s default).
+# Largest message body accepted, in bytes: the HTTP limits' defaults (`CLEANLEDGER_MAX_BODY_BYTES`, and
+# `CLEANLEDGER_MAX_BATCH_BODY_BYTES` for a batch of up to 1,000 commands).
 MAX_BODY_BYTES = 64 * 1024
+MAX_BATCH_BODY_BYTES = 1024 * 1024
 # Longest reply_to or correlation_id honoured, in characters (AMQP's short strings hold 255 bytes).
 MAX_REPLY_FIELD = 255
 
@@ -64,8 +66,9 @@ def parse_request(routing_key: str, properties: pika.spec.BasicProperties, body:
     if properties.message_id is None:
         raise IdempotencyKeyMissing("the message_id carries the Idempotency-Key and is required")
     key = validate_idempotency_key(properties.message_id)
-    if len(body) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"a command body may hold at most {MAX_BODY_BYTES} bytes")
+    limit = MAX_BATCH_BODY_BYTES if routing_key == Batch.type else MAX_BODY_BYTES
+    if len(body) > limit:
+        raise PayloadTooLarge(f"a {routing_key[:40]!r} body may hold at most {limit} bytes")
     model = BODIES.get(routing_key)
     if model is None:
         raise ValidationFailed(f"unknown command {routing_key!r}; routing keys: {', '.join(sorted(BODIES))}")
