@@ -225,6 +225,18 @@ async def submit_metadata_patch(request: web.Request) -> web.Response:
     return await accept(request, patch.to_command(request[TENANT]), key)
 
 
+async def submit_on_path(
+    request: web.Request, id_name: str, body_model: type[Body], command_body: type[Body]
+) -> web.Response:
+    """Queue a command on the path's resource: the body (which may be left out: every field has a default) with
+    the path's id as `id_name`, read as `command_body`, the body that names its resource over AMQP."""
+    key = idempotency_key_of(request)
+    resource_id = path_uuid(request, id_name)
+    body = await read_body(request, body_model) if request.body_exists else body_model()
+    named = command_body.model_validate({**body.model_dump(), id_name: resource_id})
+    return await accept(request, named.to_command(request[TENANT]), key)
+
+
 def idempotency_key_of(request: web.Request) -> str:
     raw_keys = request.headers.getall("Idempotency-Key", [])
     if not raw_keys:
@@ -296,11 +308,7 @@ async def create_transaction(request: web.Request) -> web.Response:
 
 @routes.post("/v1/transactions/{transaction_id}/reverse")
 async def reverse_transaction(request: web.Request) -> web.Response:
-    key = idempotency_key_of(request)
-    transaction_id = path_uuid(request, "transaction_id")
-    body = await read_body(request, ReversalBody) if request.body_exists else ReversalBody()
-    reversal = ReverseTransactionBody(transaction_id=transaction_id, amount=body.amount, metadata=body.metadata)
-    return await accept(request, reversal.to_command(request[TENANT]), key)
+    return await submit_on_path(request, "transaction_id", ReversalBody, ReverseTransactionBody)
 
 
 @routes.post("/v1/holds")
@@ -310,20 +318,12 @@ async def create_hold(request: web.Request) -> web.Response:
 
 @routes.post("/v1/holds/{hold_id}/capture")
 async def capture_hold(request: web.Request) -> web.Response:
-    key = idempotency_key_of(request)
-    hold_id = path_uuid(request, "hold_id")
-    body = await read_body(request, CaptureBody) if request.body_exists else CaptureBody()
-    capture = CaptureHoldBody(hold_id=hold_id, amount=body.amount, metadata=body.metadata)
-    return await accept(request, capture.to_command(request[TENANT]), key)
+    return await submit_on_path(request, "hold_id", CaptureBody, CaptureHoldBody)
 
 
 @routes.post("/v1/holds/{hold_id}/void")
 async def void_hold(request: web.Request) -> web.Response:
-    key = idempotency_key_of(request)
-    hold_id = path_uuid(request, "hold_id")
-    if request.body_exists:
-        await read_body(request, EmptyBody)
-    return await accept(request, VoidHoldBody(hold_id=hold_id).to_command(request[TENANT]), key)
+    return await submit_on_path(request, "hold_id", EmptyBody, VoidHoldBody)
 
 
 @routes.get("/v1/holds/{hold_id}")
