@@ -32,6 +32,7 @@ from core.application.group_commit import Outcome, Unsettled
 from core.application.ports import CommandQueue, OperationRecords, RequestTrail, Submission
 from core.application.requests import BODIES
 from core.application.retry import RetryPolicy
+from core.application.settle import Clock, utc_now
 from core.application.views import OperationResult
 from core.application.webhooks import WebhookService
 from core.domain.errors import LedgerError
@@ -66,9 +67,10 @@ class LedgerService:
             retry=self.retry,
         )
 
-    def settle_group(self, submissions: Sequence[Submission]) -> list[Outcome]:
-        """Settle many commands with one commit (group commit); a failing one is isolated, see `settle_group`."""
-        return group_commit.settle_group(submissions, uow_factory=self.unit_of_work, retry=self.retry)
+    def settle_group(self, submissions: Sequence[Submission], clock: Clock = utc_now) -> list[Outcome]:
+        """Settle many commands with one commit (group commit); a failing one is isolated, see `settle_group`.
+        `clock`: the settlement's time, the wall clock's but when replaying."""
+        return group_commit.settle_group(submissions, uow_factory=self.unit_of_work, retry=self.retry, clock=clock)
 
     def execute_many(self, items: Sequence[tuple[Command, str]]) -> list[OperationResult]:
         """Run many (command, idempotency key) pairs with one commit, answering in their order; for benchmarks

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from core.application.commands import command_from_json
 from core.application.group_commit import Outcome, Unsettled
 from core.application.ports import AuditRecord, Submission
+from core.application.settle import Clock
 from core.application.views import OperationResult
 from core.domain.errors import LedgerError, ProcessingFailed
 
@@ -46,6 +48,7 @@ class Recorded:
 
     position: int
     tenant_id: str
+    occurred_at: datetime  # when its group settled: the clock its time-bound rules (a hold's expiry) read
     submission: Submission
     succeeded: bool
     problem_code: str | None
@@ -93,6 +96,7 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
             Recorded(
                 record.position,
                 tenant_id,
+                record.occurred_at,
                 Submission(command_from_json(request), str(document["idempotency_key"]), UUID(operation_id)),
                 problem is None,
                 problem.get("code") if isinstance(problem, dict) else None,
@@ -105,7 +109,7 @@ def recorded_operations(records: Iterable[AuditRecord]) -> list[Recorded]:
 def replay(
     operations: Sequence[Recorded],
     *,
-    settle_group: Callable[[Sequence[Submission]], list[Outcome]],
+    settle_group: Callable[[Sequence[Submission], Clock], list[Outcome]],
     give_up: Callable[[Submission, LedgerError], OperationResult],
     balance_of: Callable[[str, UUID], int | None],
 ) -> ReplayReport:
@@ -118,13 +122,16 @@ def replay(
             _compare(recorded, give_up(recorded.submission, ProcessingFailed("given up, as recorded")), report)
             start += 1
             continue
-        end = start
-        while end < len(operations) and end - start < GROUP_SIZE:
+        # A group is the operations that settled together (one time), so each is replayed at the moment it settled
+        # and a hold's expiry decides as it did then.
+        end, moment = start, operations[start].occurred_at
+        while end < len(operations) and end - start < GROUP_SIZE and operations[end].occurred_at == moment:
             if operations[end].problem_code == ProcessingFailed.code:
                 break
             end += 1
         group = operations[start:end]
-        for recorded, outcome in zip(group, settle_group([r.submission for r in group]), strict=True):
+        outcomes = settle_group([r.submission for r in group], at(moment))
+        for recorded, outcome in zip(group, outcomes, strict=True):
             _compare(recorded, outcome, report)
         start = end
     last_balance: dict[tuple[str, str], int] = {}
@@ -137,6 +144,11 @@ def replay(
             report.mismatches.append(f"account {account_id} ({tenant_id}): balance {actual}, recorded {expected}")
     report.accounts = len(last_balance)
     return report
+
+
+def at(moment: datetime) -> Clock:
+    """A clock stopped at `moment`."""
+    return lambda: moment
 
 
 def _compare(recorded: Recorded, outcome: Outcome, report: ReplayReport) -> None:

@@ -11,7 +11,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from core.adapters.mongo.audit import COLLECTION
 from core.adapters.postgres.api_keys import create_api_key
 from core.adapters.postgres.webhook_worker import fan_out
 from core.adapters.rabbitmq.trail import AmqpRequestTrail
-from core.application.commands import Batch, CreateAccount, Credit, Debit, Transfer
+from core.application.commands import Batch, CaptureHold, CreateAccount, CreateHold, Credit, Debit, Transfer
 from core.application.ports import ReceivedRequest
 from core.application.webhooks import EventFilter
 from core.bootstrap import LedgerService, bootstrap
@@ -36,6 +36,7 @@ from ingress.app import init_app
 from tests.helpers import key, open_account
 from tests.processes import BIN, ManagedProcess, free_port, settings_env, wait_for_port
 from tests.services import delete_queues, postgres_admin_url, private_queues
+from workers.redeliver import HoldExpiry
 
 WAIT_S = 60.0  # generous bound on steps that take a second or two
 
@@ -265,6 +266,19 @@ def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and
                 ),
             )
             assert ledger.execute(batch, idempotency_key=key()).status == "succeeded"
+            # Holds with a short expiry: one captured in time, one let expire. Replayed long after, each still
+            # settles as it did, at the time it did.
+            soon = datetime.now(UTC) + timedelta(seconds=1)
+            holds = [
+                ledger.execute(CreateHold(tenant, accounts[1], accounts[2], usd(10), soon), idempotency_key=key())  # type: ignore[arg-type]
+                for _ in range(2)
+            ]
+            captured = ledger.execute(
+                CaptureHold(tenant, uuid.UUID(holds[0].result["hold"]["id"])), idempotency_key=key()
+            )  # type: ignore[index]
+            assert captured.status == "succeeded"
+            time.sleep(1.1)
+            assert HoldExpiry(ledger).run_once() >= 1
             items = [
                 (Transfer(tenant, accounts[i % 4], accounts[(i + 1) % 4], Money.for_posting(37 * i + 1, "USD")), key())
                 for i in range(150)
