@@ -13,13 +13,13 @@ headers-aware consumer can filter without parsing the body.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
 import pika
 
+from core.adapters import json_text
 from core.adapters.rabbitmq.commands import DEAD_LETTER_TTL_MS, dead_letter_queue, main_queue_arguments
 from core.adapters.rabbitmq.confirms import (
     ConfirmingPublisher,
@@ -77,7 +77,7 @@ def event_body(event: Event) -> bytes:
         "occurred_at": event.occurred_at.isoformat(),
         "data": event.payload,
     }
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+    return json_text.dumps(document).encode()
 
 
 def event_properties(event: Event, *, app_id: str = "cleanledger") -> pika.BasicProperties:

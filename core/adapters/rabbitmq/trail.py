@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 from collections import deque
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import pika
 import structlog
 
+from core.adapters import json_text
 from core.adapters.metrics import REQUEST_RECORDS, REQUEST_RECORDS_UNSENT
 from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed
 from core.adapters.rabbitmq.events import CONTENT_TYPE, PERSISTENT, subscriber_queue_topology
@@ -123,7 +123,7 @@ class AmqpRequestTrail(RequestTrail):
         return [None] * len(documents)
 
     async def _publish(self, documents: Sequence[Document]) -> bool:
-        body = json.dumps(documents, separators=(",", ":"), ensure_ascii=False).encode()
+        body = json_text.dumps(documents).encode()
         properties = pika.BasicProperties(
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,
