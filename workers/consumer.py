@@ -31,6 +31,7 @@ from typing import Any
 
 import pika.exceptions
 import structlog
+from psycopg_pool import ConnectionPool
 
 from core.adapters.metrics import (
     COMMANDS_GIVEN_UP,
@@ -41,6 +42,7 @@ from core.adapters.metrics import (
     watch_retries,
 )
 from core.adapters.postgres.api_keys import find_api_keys
+from core.adapters.postgres.db import PREDICATE_LOCK_PAGES_NEEDED, predicate_lock_pages
 from core.adapters.rabbitmq.commands import (
     ReplyTo,
     command_message,
@@ -274,10 +276,25 @@ class CommandWorker:
         return failed
 
 
+def warn_if_predicate_locks_too_few(pool: ConnectionPool) -> None:
+    """Say so at start when the server would turn a batch's reads into a lock on a whole table (README,
+    Configuration)."""
+    pages = predicate_lock_pages(pool)
+    if pages < PREDICATE_LOCK_PAGES_NEEDED:
+        log.warning(
+            "worker.predicate_locks_too_few",
+            pages=pages,
+            needed=PREDICATE_LOCK_PAGES_NEEDED,
+            advice="set max_pred_locks_per_relation = 4096 and max_pred_locks_per_transaction = 1024 in"
+            " postgresql.conf (see README, Configuration): large batches may otherwise be refused under load",
+        )
+
+
 def build(settings: Settings) -> CommandWorker:
     """The worker's adapters, built once per process by the composition root."""
     ledger = bootstrap(settings, pool_size=2)
     watch_retries(ledger.retry.counter)
+    warn_if_predicate_locks_too_few(ledger.pool)
     return CommandWorker(ledger, command_consumer(settings), settlement_publisher(settings), settings=settings)
 
 

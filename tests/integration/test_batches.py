@@ -11,8 +11,10 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from core.adapters.postgres.api_keys import create_api_key
+from core.adapters.postgres.db import PREDICATE_LOCK_PAGES_NEEDED, predicate_lock_pages
 from core.adapters.postgres.verify import verify
 from core.application.commands import MAX_BATCH_ITEMS
 from core.bootstrap import LedgerService
@@ -20,6 +22,7 @@ from core.settings import Settings
 from ingress.app import init_app
 from tests.helpers import balance
 from tests.processes import ManagedProcess
+from workers.consumer import warn_if_predicate_locks_too_few
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
@@ -158,3 +161,17 @@ async def test_an_invalid_item_refuses_the_whole_batch_naming_it(
     huge = b'{"items": [' + b" " * (1024 * 1024) + b"]}"
     too_big = await api.post("/v1/batches", data=huge, headers={**headers(api_key), "Content-Type": "application/json"})
     assert (too_big.status, (await too_big.json())["code"]) == (413, "payload-too-large")
+
+
+def test_a_worker_says_when_the_server_s_predicate_locks_are_too_few_for_batches(ledger: LedgerService) -> None:
+    with ledger.pool.connection() as conn:
+        relation, transaction = (
+            int(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+            for name in ("max_pred_locks_per_relation", "max_pred_locks_per_transaction")
+        )
+    pages = relation if relation >= 0 else transaction // -relation
+    assert predicate_lock_pages(ledger.pool) == pages
+    with capture_logs() as logs:
+        warn_if_predicate_locks_too_few(ledger.pool)
+    warned = [e for e in logs if e["event"] == "worker.predicate_locks_too_few"]
+    assert bool(warned) == (pages < PREDICATE_LOCK_PAGES_NEEDED)

@@ -90,3 +90,23 @@ def connect(
     if connect_timeout_s is not None:
         kwargs["connect_timeout"] = max(1, round(connect_timeout_s))  # libpq counts whole seconds
     return Connection.connect(settings.database_url, **kwargs)  # type: ignore[arg-type]
+
+
+# Accounts a unit may read before PostgreSQL's predicate locks on them merge into one lock on the whole table:
+# a batch's 1,000 transfers read up to 2,000 of them, on as many pages.
+PREDICATE_LOCK_PAGES_NEEDED = 4096
+
+
+def predicate_lock_pages(pool: ConnectionPool) -> int:
+    """How many pages of one table a SERIALIZABLE transaction may hold predicate locks on before they become one
+    lock on the table (`max_pred_locks_per_relation`, or a share of `max_pred_locks_per_transaction` when it is
+    negative). Past it, a batch's reads conflict with every concurrent posting, and a batch among steady
+    transfers is refused again and again (bench/mixed.py)."""
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_pred_locks_per_relation')::int,"
+            " current_setting('max_pred_locks_per_transaction')::int"
+        ).fetchone()
+    assert row is not None
+    per_relation, per_transaction = int(row[0]), int(row[1])
+    return per_relation if per_relation >= 0 else per_transaction // -per_relation
