@@ -21,7 +21,10 @@ PROCFILE_LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 # A process that stays up this long counts as started, in seconds. One that dies sooner is retried after 1 s,
 # then 2 s, 3 s... (supervisord's backoff) up to STARTRETRIES times; one that dies later, after running, is
 # restarted at once. 60 tries is ~30 min of backoff: long enough to outlast a dependency being restarted.
-STARTSECS = 2
+# It is also the grace a new process has before its liveness check: `httpok` judges RUNNING processes only, and
+# with 2 s a minute's tick that fell just after a start found the ports not yet open and restarted every process
+# of the node (seen once in the suite: test_supervised_crashes then met pids already gone).
+STARTSECS = 5
 STARTRETRIES = 60
 # How long a stopping process may take before SIGKILL, in seconds: an ingress node finishes the requests in
 # flight first, and a `Prefer: wait=N` request may hold for up to 30 s (CLEANLEDGER_PREFER_WAIT_MAX_S).
