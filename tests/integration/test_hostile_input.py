@@ -300,6 +300,10 @@ async def test_hostile_paths_and_queries_are_problems(api: TestClient[Any, Any],
     assert 400 <= status < 500, code
 
 
+# A hold's body (a transfer's too) up to its amount.
+HOLD = b'{"source_id": "%s", "destination_id": "%s", "currency": "USD", "amount": '
+
+
 @pytest.mark.parametrize(
     ("method", "path", "raw_body"),
     [
@@ -313,6 +317,26 @@ async def test_hostile_paths_and_queries_are_problems(api: TestClient[Any, Any],
         ("PATCH", "/v1/accounts/%s", b'{"metadata": {"k": ' + b"[" * 20000 + b"]" * 20000 + b"}}"),
         ("POST", "/v1/accounts/%s/freeze", b'{"status": "closed"}'),
         ("POST", "/v1/accounts/%s/close", b"\xff"),
+        # holds, reversals, batches
+        ("POST", "/v1/holds", HOLD + b"9" * 5000 + b"}"),
+        ("POST", "/v1/holds", HOLD + b'5, "expires_at": "99999-01-01T00:00:00Z"}'),
+        ("POST", "/v1/holds", HOLD + rb'5, "expires_at": "\u0000"}'),
+        ("POST", "/v1/holds", HOLD + b'5, "expires_at": 1e999}'),
+        ("POST", "/v1/holds", HOLD + b'5, "id": "6f1c1f4e-1b43-5c55-9a8e-2f1d0c6f7a10"}'),
+        ("POST", "/v1/holds", b"\xff\xfe{}"),
+        ("POST", "/v1/holds/%s/capture", b'{"amount": ' + b"9" * 5000 + b"}"),
+        ("POST", "/v1/holds/%s/capture", b'{"amount": -1}'),
+        ("POST", "/v1/holds/%s/capture", b"\xff"),
+        ("POST", "/v1/holds/%s/void", b'{"amount": 5}'),
+        ("POST", "/v1/transactions/%s/reverse", b'{"amount": 1e999}'),
+        ("POST", "/v1/transactions/%s/reverse", b'{"amount": 0}'),
+        ("POST", "/v1/transactions/%s/reverse", rb'{"metadata": {"k": "\u0000"}}'),
+        ("POST", "/v1/batches", b'{"items": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
+        ("POST", "/v1/batches", b'{"items": [{"type": "batch", "items": []}]}'),
+        ("POST", "/v1/batches", rb'{"items": [{"type": "\u0000"}]}'),
+        ("POST", "/v1/batches", b'{"items": [' + HOLD + b"9" * 5000 + b', "type": "transfer"}]}'),
+        ("POST", "/v1/batches", b'{"items": [{"type": "expire_hold", "hold_id": "%s", "as_of": "2026-01-01T00:00Z"}]}'),
+        ("POST", "/v1/batches", b"\xff\xfe{}"),
     ],
     ids=[
         "legs-deep-nesting",
@@ -325,6 +349,25 @@ async def test_hostile_paths_and_queries_are_problems(api: TestClient[Any, Any],
         "patch-deep-nesting",
         "freeze-with-a-body",
         "close-not-utf8",
+        "hold-huge-int",
+        "hold-expiry-year-99999",
+        "hold-expiry-nul",
+        "hold-expiry-huge-float",
+        "hold-system-id",
+        "hold-not-utf8",
+        "capture-huge-int",
+        "capture-negative",
+        "capture-not-utf8",
+        "void-with-a-body",
+        "reverse-huge-float",
+        "reverse-zero",
+        "reverse-nul-metadata",
+        "batch-deep-nesting",
+        "batch-nested-batch",
+        "batch-nul-type",
+        "batch-item-huge-int",
+        "batch-expiry-is-not-for-clients",
+        "batch-not-utf8",
     ],
 )  # fmt: skip
 async def test_hostile_bodies_on_the_new_routes_are_problems(
