@@ -475,9 +475,7 @@ class _Books:
                 created_at=self.now,
             )
         except LedgerError:  # a frozen account, say: the hold stays as it was
-            source.pending_debits += hold.amount
-            destination.pending_credits += hold.amount
-            hold.status = HoldStatus.PENDING
+            hold.reopen(source, destination)
             raise
         hold.captured_amount, hold.capture_transaction_id = amount, transaction.id
         self._hold_saved(hold)

@@ -406,6 +406,12 @@ class Hold:
         destination.release_credit(self.amount)
         self.status = status
 
+    def reopen(self, source: Account, destination: Account) -> None:
+        """Undo `release`: a capture whose posting was refused leaves the hold as it was."""
+        source.pending_debits += self.amount
+        destination.pending_credits += self.amount
+        self.status = HoldStatus.PENDING
+
 
 def place_hold(hold: Hold, source: Account, destination: Account) -> None:
     """Set a new hold's amount aside on both accounts (locked by the caller); all or nothing."""

@@ -241,3 +241,17 @@ async def test_holds_over_http(api: TestClient[Any, Any], ledger: LedgerService,
         assert (refused.status, (await refused.json())["code"]) == (422, code), wrong
     missing = await api.get(f"/v1/holds/{uuid.uuid4()}", headers=headers())
     assert (missing.status, (await missing.json())["code"]) == (404, "hold-not-found")
+
+
+def test_a_refused_capture_leaves_the_hold_as_it_was(ledger: LedgerService, tenant: str, settings: Settings) -> None:
+    a, b = funded(ledger, tenant, 100)
+    hold = hold_of(place(ledger, tenant, a, b, 40))
+    status = lambda s: ledger.execute(ChangeAccountStatus(tenant, b, s), idempotency_key=key())  # noqa: E731
+    assert code_of(status(AccountStatus.FROZEN)) == "ok"
+    assert code_of(capture(ledger, tenant, hold, 10)) == "account-frozen"
+    assert balances(ledger, tenant, a) == (100, 40, 0, 60)
+    assert balances(ledger, tenant, b) == (0, 0, 40, 0)
+    assert code_of(status(AccountStatus.OPEN)) == "ok"
+    assert code_of(capture(ledger, tenant, hold, 10)) == "ok"  # still pending, so capturable
+    assert balances(ledger, tenant, a) == (90, 0, 0, 90)
+    books_are_sound(settings)
