@@ -1,8 +1,10 @@
 """Where one process of the stack spends its CPU under end-to-end load: py-spy on a live process, folded.
 
-    .venv/bin/python bench/profile.py [--process ingress] [--seconds 12] [--mode wait] [--case uniform]
+    .venv/bin/python bench/profile.py [--process ingress] [--seconds 12] [--mode wait] [--case uniform] \
+                                      [--load e2e|batches]
 
-Runs `bench/e2e.py` (one case and mode, no baseline, no paced phase) in the background, waits until its
+Runs `bench/e2e.py` (one case and mode, no baseline, no paced phase), or with `--load batches`
+`bench/batches.py` (no baseline), in the background, waits until its
 accounts are open and the load has started, attaches `py-spy record` (`--nonblocking`, 250 Hz) for `--seconds`
 to the first process of the given Procfile kind (`ingress`, `worker`, `relay`, ...), then folds the stacks:
 
@@ -126,6 +128,7 @@ def main() -> int:
     parser.add_argument("--case", default="uniform")
     parser.add_argument("--mode", default="wait", choices=("wait", "accept"))
     parser.add_argument("--accounts", type=int, default=2_000)
+    parser.add_argument("--load", default="e2e", choices=("e2e", "batches"), help="the benchmark under the profiler")
     args = parser.parse_args()
     if not PY_SPY.exists():
         print("py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -135,10 +138,11 @@ def main() -> int:
     print_machine(facts)
     load_seconds = args.seconds + 15  # the profile starts a few seconds into the phase and ends before it does
     log = tempfile.NamedTemporaryFile(prefix="profile-e2e-", suffix=".log", delete=False)  # noqa: SIM115
-    e2e = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "e2e.py"),
+    if args.load == "batches":
+        load = ["batches.py", "--no-baseline", "--seconds", str(load_seconds), "--accounts", str(args.accounts)]
+    else:
+        load = [
+            "e2e.py",
             "--no-baseline",
             "--cases",
             args.case,
@@ -150,7 +154,9 @@ def main() -> int:
             str(load_seconds),
             "--accounts",
             str(args.accounts),
-        ],
+        ]
+    e2e = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / load[0]), *load[1:]],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -193,9 +199,10 @@ def main() -> int:
     print("top of the stack (self % of busy samples):")
     for name, pct in list(folded["self_pct"].items())[:15]:
         print(f"  {pct:5.1f}  {name}")
-    print("\n".join(line for line in e2e_lines if line.startswith(("uniform/", "hot", "    CPU", "    POST"))))
+    shown = ("uniform/", "hot", "    CPU", "    POST", "batches of")
+    print("\n".join(line for line in e2e_lines if line.startswith(shown)))
     write_results(
-        f"profile-{args.process}",
+        f"profile-{args.process}" + ("-batches" if args.load == "batches" else ""),
         started=started,
         machine=facts,
         parameters={**vars(args), "load_seconds": load_seconds, "e2e_log": log.name},

@@ -17,7 +17,6 @@ linked to the operation the answer names.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from datetime import datetime
@@ -28,6 +27,7 @@ import pika.exceptions
 import structlog
 from pymongo.errors import BulkWriteError
 
+from core.adapters import json_text
 from core.adapters.metrics import AUDIT_RECORDS_WRITTEN
 from core.adapters.rabbitmq.consumer import Delivery, EventConsumer
 from core.adapters.rabbitmq.events import POSITION_HEADER
@@ -54,11 +54,11 @@ def audit_records(delivery: Delivery) -> list[AuditRecord]:
     an ingress answered (`core/adapters/rabbitmq/trail.py`). ValueError when it is neither."""
     if delivery.properties.type == REQUEST_RECORDS_TYPE:
         try:
-            documents = json.loads(delivery.body)
+            documents = json_text.loads(delivery.body)
             if not isinstance(documents, list):
                 raise TypeError("not a list of requests")
             return [request_record(document) for document in documents]
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past json's depth
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not a group of request records: {exc}") from None
     return [event_record(delivery)]
 
@@ -67,7 +67,7 @@ def event_record(delivery: Delivery) -> AuditRecord:
     position = (delivery.properties.headers or {}).get(POSITION_HEADER)
     try:
         # A secret a client put in what the ledger keeps (an account's metadata) stays out of the trail.
-        event = json.loads(redact(delivery.body.decode()))
+        event = json_text.loads(redact(delivery.body.decode()))
         data = event["data"]
         return AuditRecord(
             id=str(event["id"]),
@@ -79,7 +79,7 @@ def event_record(delivery: Delivery) -> AuditRecord:
             document=data,
             position=position if isinstance(position, int) else None,
         )
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # nested past json's depth
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"not an event: {exc}") from None
 
 
@@ -106,7 +106,7 @@ def _json_or_text(text: str | None) -> Any:
     if text is None:
         return None
     try:
-        return json.loads(text)
+        return json_text.loads(text)
     except ValueError:
         return text
 

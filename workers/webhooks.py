@@ -9,8 +9,10 @@ Delivery (the asyncio event loop, psycopg's async pool, aiohttp): a new delivery
 created it and handed to its delivery loop in memory, so a first attempt costs no claim (the leases of those
 still waiting are renewed in one statement every LEASE_RENEW_S). Due deliveries (retries, released or expired
 leases) are claimed with `FOR UPDATE SKIP LOCKED` and leased, so several workers share the work without
-sending one twice. Each attempt is signed, sent with a timeout (`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded
-with its status, latency and error; the outcomes of attempts that end together are recorded in one statement.
+sending one twice; a worker looks for them when told (NOTIFY), after a claim that found some, and every
+`CLEANLEDGER_WEBHOOK_POLL_S`, not after every attempt. Each attempt is signed, sent with a timeout
+(`CLEANLEDGER_WEBHOOK_TIMEOUT_S`), and recorded with its status, latency and error; the outcomes of attempts
+that end together are recorded in one statement.
 A non-2xx answer, a timeout or a connection error is retried after a capped exponential backoff with full
 jitter until the delivery's retry window (`CLEANLEDGER_WEBHOOK_RETRY_WINDOW_S`) is spent; then it is marked
 failed and kept. At most `CLEANLEDGER_WEBHOOK_CONCURRENCY` attempts are in flight, and at most
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 import threading
@@ -43,6 +44,7 @@ from psycopg import Connection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from core.adapters import json_text
 from core.adapters.http.webhooks import Outgoing, WebhookSender
 from core.adapters.metrics import WEBHOOK_ATTEMPT_SECONDS, WEBHOOK_ATTEMPTS
 from core.adapters.postgres.db import connect
@@ -159,13 +161,13 @@ class EventFanout:
         events: dict[str, dict[str, Any]] = {}
         for tag, body in batch:
             try:
-                document = json.loads(body)
+                document = json_text.loads(body)
                 if not isinstance(document, dict):
                     raise ValueError("not an object")
                 UUID(str(document["id"]))
                 if not all(isinstance(document.get(k), str) for k in ("type", "tenant_id")):
                     raise ValueError("type and tenant_id must be strings")
-            except (ValueError, KeyError, RecursionError) as exc:  # RecursionError: nested past json's depth
+            except (ValueError, KeyError) as exc:
                 log.warning("webhooks.event_invalid", tag=tag, error=str(exc))  # acknowledged with the batch: dropped
                 continue
             events[str(document["id"])] = document
@@ -214,6 +216,11 @@ class WebhookDispatcher:
         self.queued: dict[UUID, deque[tuple[Due, float]]] = {}
         self.queued_count = 0
         self.recorder: GroupWriter[Attempted, None] = GroupWriter(self._record, max_group=RECORD_GROUP_MAX, writers=1)
+        # Whether PostgreSQL may hold deliveries due for this worker: set by a NOTIFY, a release, a claim that
+        # found some (there may be more) and every `webhook_poll_s`; cleared by a claim that found none. A
+        # finished attempt wakes the loop for the deliveries handed over in memory, and costs no claim.
+        self.look_for_due = True
+        self.looked_at = 0.0
 
     @property
     def busy(self) -> int:
@@ -248,7 +255,9 @@ class WebhookDispatcher:
                     await self._renew_leases()
                 free = self.settings.webhook_concurrency - self.busy
                 claimed: list[Due] = []
-                if free > 0:
+                if time.monotonic() - self.looked_at >= self.settings.webhook_poll_s:
+                    self.look_for_due = True  # retries come due with time, and other workers' leases run out
+                if free > 0 and self.look_for_due:
                     per_endpoint = self.settings.webhook_endpoint_concurrency
                     # Endpoints with no room, or with deliveries of their own waiting here, are not claimed for.
                     full = [e for e, n in self.in_flight.items() if n >= per_endpoint] + list(self.queued)
@@ -262,6 +271,7 @@ class WebhookDispatcher:
                             limit=free,
                             lease_s=self.lease_s,
                         )
+                        self.look_for_due, self.looked_at = bool(claimed), time.monotonic()
                         backoff = RECONNECT_FIRST_S
                     except psycopg.Error as exc:
                         log.warning("webhooks.claim_failed", error=type(exc).__name__, retry_in_s=backoff)
@@ -328,6 +338,8 @@ class WebhookDispatcher:
     async def _release(self, delivery_ids: list[UUID]) -> None:
         try:
             await release(self.pool, delivery_ids)
+            self.look_for_due = True
+            self.wake.set()
         except psycopg.Error as exc:  # their lease runs out instead: attempted a minute later
             log.warning("webhooks.release_failed", deliveries=len(delivery_ids), error=type(exc).__name__)
 
@@ -388,6 +400,7 @@ class WebhookDispatcher:
                 conn = await listen(self.settings)
                 async with conn:
                     async for _ in conn.notifies():
+                        self.look_for_due = True
                         self.wake.set()
             except psycopg.Error as exc:
                 log.info("webhooks.listen_failed", error=type(exc).__name__)

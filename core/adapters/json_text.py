@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from datetime import date
 from typing import Any
 from uuid import UUID
@@ -20,6 +21,24 @@ def dumps(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_as_orjson_does)
+
+
+# A run of 20 digits: a number orjson might read as a float (it keeps integers within 64 bits exact, no more).
+_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON text or bytes as Python values, exactly: orjson (several times faster than the standard library),
+    unless the text holds a run of 20 digits, an integer orjson would turn into a float; the standard library
+    reads those exactly. ValueError (orjson's JSONDecodeError is one) when it is not JSON, nesting too deep
+    included."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw) is None:
+        return orjson.loads(raw)
+    try:
+        return json.loads(raw)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
 
 
 def _as_orjson_does(value: object) -> str:
