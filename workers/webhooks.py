@@ -51,6 +51,7 @@ from core.adapters.postgres.db import connect
 from core.adapters.postgres.webhook_worker import (
     Attempted,
     Due,
+    EventMessage,
     claim_due,
     fan_out,
     listen,
@@ -81,6 +82,21 @@ LEASE_RENEW_S = 20.0
 RECORD_GROUP_MAX = 256  # attempts' outcomes recorded in one statement at most
 
 
+def event_message(properties: Any, body: bytes) -> EventMessage:
+    """What the fan-out needs of an event, from the message's properties as the relay sets them (message id,
+    type, tenant header): its body is parsed only if it goes to an endpoint. A message without them (not the
+    relay's) is read from its body. ValueError, KeyError or TypeError: not an event."""
+    tenant = (properties.headers or {}).get("tenant_id")
+    if properties.message_id and isinstance(properties.type, str) and isinstance(tenant, str):
+        return EventMessage(UUID(properties.message_id), properties.type, tenant, body)
+    document = json_text.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("not an object")
+    if not all(isinstance(document.get(k), str) for k in ("type", "tenant_id")):
+        raise ValueError("type and tenant_id must be strings")
+    return EventMessage(UUID(str(document["id"])), document["type"], document["tenant_id"], body)
+
+
 class EventFanout:
     """Consumes the webhook queue on its own thread (pika is blocking) and inserts deliveries."""
 
@@ -95,7 +111,7 @@ class EventFanout:
         self._connection: Any = None
         self._channel: Any = None
         self._db: Connection[TupleRow] | None = None
-        self._received: list[tuple[int, bytes]] = []
+        self._received: list[tuple[int, Any, bytes]] = []
 
     def _open(self) -> None:
         self._connection = pika.BlockingConnection(self._params)
@@ -107,8 +123,8 @@ class EventFanout:
         self._channel.basic_consume(queue=queue, on_message_callback=self._on_message)
         log.info("webhooks.fanout_consuming", queue=queue)
 
-    def _on_message(self, _channel: Any, method: Any, _properties: Any, body: bytes) -> None:
-        self._received.append((method.delivery_tag, body))
+    def _on_message(self, _channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        self._received.append((method.delivery_tag, properties, body))
 
     def _close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
@@ -122,7 +138,7 @@ class EventFanout:
             self._db = connect(self.settings, autocommit=False)
         return self._db
 
-    def next_batch(self) -> list[tuple[int, bytes]]:
+    def next_batch(self) -> list[tuple[int, Any, bytes]]:
         """Waits up to IDLE_POLL_S for a first event, then briefly for company."""
         self._received.clear()
         self._connection.process_data_events(time_limit=IDLE_POLL_S)
@@ -157,20 +173,15 @@ class EventFanout:
         if self._db is not None:
             self._db.close()
 
-    def handle(self, batch: list[tuple[int, bytes]]) -> None:
-        events: dict[str, dict[str, Any]] = {}
-        for tag, body in batch:
+    def handle(self, batch: list[tuple[int, Any, bytes]]) -> None:
+        events: dict[UUID, EventMessage] = {}
+        for tag, properties, body in batch:
             try:
-                document = json_text.loads(body)
-                if not isinstance(document, dict):
-                    raise ValueError("not an object")
-                UUID(str(document["id"]))
-                if not all(isinstance(document.get(k), str) for k in ("type", "tenant_id")):
-                    raise ValueError("type and tenant_id must be strings")
-            except (ValueError, KeyError) as exc:
+                event = event_message(properties, body)
+            except (ValueError, KeyError, TypeError) as exc:
                 log.warning("webhooks.event_invalid", tag=tag, error=str(exc))  # acknowledged with the batch: dropped
                 continue
-            events[str(document["id"])] = document
+            events[event.id] = event
         backoff = RECONNECT_FIRST_S
         created: list[Due] = []
         while events:

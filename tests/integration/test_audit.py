@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from core.adapters.mongo.audit import COLLECTION
 from core.adapters.postgres.api_keys import create_api_key
-from core.adapters.postgres.webhook_worker import fan_out
+from core.adapters.postgres.webhook_worker import EventMessage, fan_out
 from core.adapters.rabbitmq.trail import AmqpRequestTrail
 from core.application.commands import Batch, CaptureHold, CreateAccount, CreateHold, Credit, Debit, Transfer
 from core.application.ports import ReceivedRequest
@@ -429,10 +429,13 @@ def test_api_keys_created_and_revoked_are_audited_for_the_trail_alone(
         hooks.webhooks.register(tenant, "http://127.0.0.1:9/hook", ["*"])
     finally:
         hooks.close()
-    documents = [{"id": r["_id"], "type": r["kind"], "tenant_id": tenant, "data": r["document"]} for r in found]
+    admin_events = [
+        EventMessage(uuid.UUID(r["_id"]), r["kind"], tenant, json.dumps({"data": r["document"]}).encode())
+        for r in found
+    ]
     with psycopg.connect(audited.database_url) as conn:
-        assert fan_out(conn, documents, retry_window_s=60, lease_s=60) == []
-        account_event = {"id": str(uuid.uuid4()), "type": "account.created", "tenant_id": tenant, "data": {}}
+        assert fan_out(conn, admin_events, retry_window_s=60, lease_s=60) == []
+        account_event = EventMessage(uuid.uuid4(), "account.created", tenant, b'{"data": {}}')
         assert (
             len(fan_out(conn, [account_event], retry_window_s=60, lease_s=60)) == 1
         )  # the same endpoint gets the others

@@ -385,6 +385,50 @@ def publish_twice(settings: Settings, document: dict[str, Any]) -> None:
         connection.close()
 
 
+async def test_a_wanted_event_whose_body_is_not_json_is_dropped_and_the_others_delivered(
+    api: TestClient[Any, Any],
+    api_key: str,
+    tenant: str,
+    hook_settings: Settings,
+    webhook_worker: ManagedProcess,
+    receivers: Callable[[], Awaitable[Receiver]],
+) -> None:
+    """The fan-out decides from the message's properties (as the relay sets them) and reads a body only when an
+    endpoint wants it: a broken one is dropped there, in the same batch as good ones, and the worker lives on."""
+    receiver = await receivers()
+    await register(api, api_key, receiver.url, ["test.*"])
+    good = {"id": str(new_id()), "type": "test.good", "tenant_id": tenant, "occurred_at": "x", "data": {"n": 1}}
+    messages = [
+        (str(new_id()), "test.broken", b"{not json"),
+        (str(new_id()), "test.list", b"[1, 2]"),
+        (str(new_id()), "other.ignored", b"\xff not even utf-8"),  # no endpoint wants it: never read
+        (good["id"], "test.good", json.dumps(good).encode()),
+    ]
+    await in_thread(publish_with_properties, hook_settings, tenant, messages)
+    got = await receiver.wait_for(1)
+    await asyncio.sleep(1.0)
+    assert [r.event for r in receiver.received] == [good]
+    assert got[0].headers["Cleanledger-Event"] == "test.good"
+    assert webhook_worker.popen.poll() is None
+    assert webhook_worker.output().count('"event": "webhooks.event_invalid"') >= 2
+
+
+def publish_with_properties(settings: Settings, tenant: str, messages: list[tuple[str, str, bytes]]) -> None:
+    """(event id, type, body) messages published as the relay publishes events: id, type and tenant in the
+    message's properties."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for event_id, event_type, body in messages:
+            properties = pika.BasicProperties(message_id=event_id, type=event_type, headers={"tenant_id": tenant})
+            channel.basic_publish(settings.events_exchange, event_type, body, properties)
+    finally:
+        connection.close()
+
+
 async def test_resend_of_a_failed_delivery(
     api: TestClient[Any, Any],
     api_key: str,

@@ -6,38 +6,51 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
+import orjson
+import structlog
 from psycopg import AsyncConnection, Connection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from core.adapters import json_text
 from core.adapters.postgres.db import connect_kwargs
 from core.adapters.postgres.uow import rows_json
 from core.application.ports import ADMIN_EVENT_PREFIX
 from core.application.webhooks import AttemptResult, NextStep
 from core.settings import Settings
 
+log = structlog.get_logger(__name__)
 NOTIFY_CHANNEL = "cleanledger_webhooks"  # new or resent deliveries are due: wake the delivery loops
 
-# One statement per batch of events: a delivery for each live endpoint of the event's tenant subscribed to its
-# type ('*', the type itself, or its family 'transaction.*'). An event seen again (redelivered by RabbitMQ,
-# republished by the relay) meets the unique (endpoint, event) and adds nothing. Administrative events
-# (ADMIN_EVENT_PREFIX) are for the audit trail alone: no endpoint gets them, '*' included. A new delivery is
-# leased from the start to the worker that creates it, which attempts it without claiming it first; returned
-# with what its attempt needs.
+# Which endpoints want an event: live ones of the event's tenant subscribed to its type ('*', the type itself, or
+# its family 'transaction.*'). Administrative events (ADMIN_EVENT_PREFIX) are for the audit trail alone: no
+# endpoint gets them, '*' included. `ev` is the event (tn: tenant, t: type), `e` the endpoint.
+SUBSCRIBES = (
+    "e.tenant_id = ev.tn AND e.deleted_at IS NULL"
+    f" AND NOT starts_with(ev.t, '{ADMIN_EVENT_PREFIX}')"
+    " AND EXISTS (SELECT 1 FROM unnest(e.event_types) AS w(t)"
+    "  WHERE w.t = '*' OR w.t = ev.t OR (right(w.t, 2) = '.*' AND starts_with(ev.t, left(w.t, -1))))"
+)
+# The (tenant, type) pairs of a batch of events that some endpoint wants. Asked first, with no event's body: a
+# batch's snapshot may be half a megabyte, and most events have no endpoint to go to.
+SUBSCRIBED = (
+    "SELECT DISTINCT ev.tn, ev.t FROM json_to_recordset(%s::json) AS ev(tn text, t text)"
+    f" WHERE EXISTS (SELECT 1 FROM webhook_endpoints e WHERE {SUBSCRIBES})"
+)
+# Then one statement for the events that are wanted: a delivery for each endpoint that wants it. An event seen
+# again (redelivered by RabbitMQ, republished by the relay) meets the unique (endpoint, event) and adds nothing.
+# A new delivery is leased from the start to the worker that creates it, which attempts it without claiming it
+# first; returned with what its attempt needs.
 FAN_OUT = (
     "WITH inserted AS ("
     " INSERT INTO webhook_deliveries"
     "  (id, endpoint_id, tenant_id, event_id, event_type, payload, expires_at, next_attempt_at)"
-    " SELECT gen_random_uuid(), e.id, ev.tn, ev.i, ev.t, ev.p, now() + make_interval(secs => %(window)s),"
+    " SELECT gen_random_uuid(), e.id, ev.tn, ev.i, ev.t, ev.p::jsonb, now() + make_interval(secs => %(window)s),"
     "  now() + make_interval(secs => %(lease)s)"
-    " FROM json_to_recordset(%(events)s::json) AS ev(i uuid, t text, tn text, p jsonb)"
-    " JOIN webhook_endpoints e ON e.tenant_id = ev.tn AND e.deleted_at IS NULL"
-    f"  AND NOT starts_with(ev.t, '{ADMIN_EVENT_PREFIX}')"
-    "  AND EXISTS (SELECT 1 FROM unnest(e.event_types) AS w(t)"
-    "   WHERE w.t = '*' OR w.t = ev.t OR (right(w.t, 2) = '.*' AND starts_with(ev.t, left(w.t, -1))))"
+    " FROM json_to_recordset(%(events)s::json) AS ev(i uuid, t text, tn text, p text)"
+    f" JOIN webhook_endpoints e ON {SUBSCRIBES}"
     " ON CONFLICT (endpoint_id, event_id) DO NOTHING"
     " RETURNING id, endpoint_id, event_type, payload, attempts, expires_at)"
     " SELECT i.id, i.endpoint_id, i.event_type, i.payload::text, i.attempts, i.expires_at, e.url, e.secret"
@@ -92,15 +105,44 @@ class Due:
     secret: str
 
 
+@dataclass(frozen=True, slots=True)
+class EventMessage:
+    """An event as the fan-out takes it from RabbitMQ: what decides its deliveries, and its body untouched."""
+
+    id: UUID
+    type: str
+    tenant_id: str
+    body: bytes  # the event document, JSON: a JSON object (checked by the fan-out before it is stored)
+
+
 def fan_out(
-    conn: Connection[TupleRow], events: Sequence[dict[str, Any]], *, retry_window_s: int, lease_s: float
+    conn: Connection[TupleRow], events: Sequence[EventMessage], *, retry_window_s: int, lease_s: float
 ) -> list[Due]:
-    """Insert the deliveries of `events` (event documents as published), leased for `lease_s` seconds, and
-    commit; returns them. NOTIFY wakes the other workers only when some are due for them (none here)."""
-    rows = [{"i": e["id"], "t": e["type"], "tn": e["tenant_id"], "p": e} for e in events]
+    """Insert the deliveries of `events`, leased for `lease_s` seconds, and commit; returns them. NOTIFY wakes
+    the other workers only when some are due for them (none here). The body of an event no endpoint wants is
+    never parsed, nor sent to PostgreSQL; one that is wanted but is not a JSON object is dropped with a warning."""
+    pairs = orjson.dumps([{"tn": e.tenant_id, "t": e.type} for e in events]).decode()
     with conn.transaction():
+        wanted = {(row[0], row[1]) for row in conn.execute(SUBSCRIBED, (pairs,)).fetchall()}
+        rows = [
+            {"i": e.id, "t": e.type, "tn": e.tenant_id, "p": e.body.decode()}
+            for e in events
+            if (e.tenant_id, e.type) in wanted and _json_object(e)
+        ]
+        if not rows:
+            return []
         params = {"window": retry_window_s, "lease": lease_s, "events": rows_json(rows)}
         return [Due(*row) for row in conn.execute(FAN_OUT, params).fetchall()]
+
+
+def _json_object(event: EventMessage) -> bool:
+    try:
+        if isinstance(json_text.loads(event.body), dict):
+            return True
+    except ValueError:
+        pass
+    log.warning("webhooks.event_invalid", event_id=str(event.id), error="the body is not a JSON object")
+    return False
 
 
 async def open_async_pool(settings: Settings, *, max_size: int) -> AsyncConnectionPool:
