@@ -21,7 +21,7 @@ import pymongo
 import pytest
 from aiohttp.test_utils import TestClient
 
-from core.adapters.mongo.audit import COLLECTION
+from core.adapters.mongo.audit import COLLECTION, LARGE_DOCUMENT_CHARS
 from core.adapters.postgres.api_keys import create_api_key
 from core.adapters.postgres.webhook_worker import EventMessage, fan_out
 from core.adapters.rabbitmq.trail import AmqpRequestTrail
@@ -266,6 +266,14 @@ def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and
                 ),
             )
             assert ledger.execute(batch, idempotency_key=key()).status == "succeeded"
+            # A batch large enough that its records are kept as JSON text (LARGE_DOCUMENT_CHARS); replay reads
+            # them the same. Some of its transfers are refused for funds: the order inside it decides which.
+            transfers = tuple(
+                Transfer(tenant, accounts[i % 4], accounts[(i + 3) % 4], usd(10**9 if i % 50 == 49 else 11 * i + 5))  # type: ignore[arg-type]
+                for i in range(300)
+            )
+            large = ledger.execute(Batch(tenant, transfers), idempotency_key=key())
+            assert {item["status"] for item in large.result["items"]} == {"succeeded", "failed"}  # type: ignore[index]
             # Holds with a short expiry: one captured in time, one let expire. Replayed long after, each still
             # settles as it did, at the time it did.
             soon = datetime.now(UTC) + timedelta(seconds=1)
@@ -286,6 +294,10 @@ def test_replaying_the_trail_into_an_empty_database_reproduces_every_outcome_and
             ledger.execute_many(items)  # type: ignore[arg-type]
             ledger.execute_many(items[:20])  # replays: nothing new
             wait_for_records(own.mongo_url, tenant, outbox_ids(own, tenant))
+        with pymongo.MongoClient(own.mongo_url, serverSelectionTimeoutMS=5000) as client:
+            stored = client.get_default_database()[COLLECTION].find_one({"operation_id": str(large.operation_id)})
+            assert stored is not None and "document" not in stored
+            assert len(stored["document_json"]) > LARGE_DOCUMENT_CHARS
         with fresh_database() as target:
             assert cli_main(["replay", "--into", target]) == 0, capsys.readouterr().out
             assert "every outcome and balance matches" in capsys.readouterr().out
@@ -395,7 +407,32 @@ async def test_every_mutating_request_is_in_the_trail_as_received_with_its_answe
                 break
             time.sleep(0.2)
         assert kinds == ["account.created", "request.received"]
+        # A batch large enough that its request record and snapshot are stored as JSON text
+        # (LARGE_DOCUMENT_CHARS): the audit route gives them back as documents, secrets still cut out.
+        items = [
+            {"type": "create_account", "currency": "USD", "metadata": {"n": str(n), "k": secret}} for n in range(300)
+        ]
+        batch = await node.post(
+            "/v1/batches",
+            json={"items": items},
+            headers={**auth, "Idempotency-Key": "trail-batch", "Prefer": "wait=10"},
+        )
+        assert batch.status == 201, await batch.text()
+        batch_id = (await batch.json())["id"]
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            served = (await (await node.get(f"/v1/operations/{batch_id}/audit", headers=auth)).json())["data"]
+            if len(served) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        by_kind = {r["kind"]: r["document"] for r in served}
+        assert sorted(by_kind) == ["batch.settled", "request.received"]
+        assert [i["status"] for i in by_kind["batch.settled"]["items"]] == ["succeeded"] * 300
+        assert by_kind["batch.settled"]["request"]["items"][299]["metadata"]["k"] == "clk_[redacted]"
+        assert len(by_kind["request.received"]["answer"]["result"]["items"]) == 300
     with pymongo.MongoClient(own.mongo_url, serverSelectionTimeoutMS=5000) as client:
+        large = list(client.get_default_database()[COLLECTION].find({"operation_id": batch_id}))
+        assert len(large) == 2 and all(len(r["document_json"]) > LARGE_DOCUMENT_CHARS for r in large)
         stored = json.dumps(list(client.get_default_database()[COLLECTION].find({})), default=str)
     for value in (secret, hook_secret):
         assert value[4:20] not in stored

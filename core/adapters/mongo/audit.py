@@ -3,6 +3,9 @@
 One collection, `audit`, one document per record with the record's id as `_id`: an unordered `insert_many`
 of a whole batch, where a duplicate key (a redelivered record) is skipped and any other error fails the batch.
 Indexed for the lookups an auditor makes: by operation, by idempotency key, by tenant and time.
+
+A record's document is stored as a BSON document (`document`), or, when its JSON text is longer than
+LARGE_DOCUMENT_CHARS, as that text (`document_json`): the readers here give back the same dict either way.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ import pymongo
 from pymongo import AsyncMongoClient
 from pymongo.errors import BulkWriteError, PyMongoError
 
+from core.adapters import json_text
 from core.application.ports import AuditRecord, AuditStore, AuditUnavailable
 
 COLLECTION = "audit"
 DUPLICATE_KEY = 11000  # MongoDB's error code
 # How long a call waits for a server to answer before it counts as unreachable, milliseconds.
 SERVER_TIMEOUT_MS = 2000
+# A document whose JSON text is longer than this, in characters, is stored as that text. A batch's request, its
+# answer and its snapshot hold some 20,000 values each (1,000 items): as BSON documents the Mongo-wire server
+# decodes, checks and encodes every one of them, which cost more CPU than settling the batch; as text they are
+# one value each, and an auditor still finds them by operation, key, tenant and time.
+LARGE_DOCUMENT_CHARS = 64 * 1024
 
 
 class MongoAuditStore(AuditStore):
@@ -72,7 +81,7 @@ class MongoAuditStore(AuditStore):
                     occurred_at=doc["occurred_at"],
                     operation_id=doc.get("operation_id"),
                     idempotency_key=doc.get("idempotency_key"),
-                    document=doc["document"],
+                    document=stored_document(doc),
                     position=doc["position"],
                 )
         except PyMongoError as exc:
@@ -91,16 +100,30 @@ class MongoAuditStore(AuditStore):
 
 
 def _document(record: AuditRecord) -> dict[str, Any]:
-    return {
+    stored: dict[str, Any] = {
         "_id": record.id,
         "kind": record.kind,
         "tenant_id": record.tenant_id,
         "occurred_at": record.occurred_at,
         "operation_id": record.operation_id,
         "idempotency_key": record.idempotency_key,
-        "document": record.document,
         "position": record.position,
     }
+    text = json_text.dumps(record.document)
+    if len(text) > LARGE_DOCUMENT_CHARS:
+        stored["document_json"] = text
+    else:
+        stored["document"] = record.document
+    return stored
+
+
+def stored_document(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored record's document, whichever way it was stored."""
+    text = stored.get("document_json")
+    if isinstance(text, str):
+        document: dict[str, Any] = json_text.loads(text)
+        return document
+    return dict(stored["document"])
 
 
 class AuditReader:
@@ -116,9 +139,11 @@ class AuditReader:
         """The operation's records, oldest first; only the tenant's (another tenant's id finds nothing)."""
         try:
             cursor = self.collection.find({"tenant_id": tenant_id, "operation_id": operation_id}).sort("occurred_at", 1)
-            return [document async for document in cursor]
+            found = [stored async for stored in cursor]
         except PyMongoError as exc:
             raise AuditUnavailable(f"MongoDB is unavailable: {type(exc).__name__}") from exc
+        # orjson reads a batch's half megabyte in a millisecond or two: not worth a thread hop
+        return [{**stored, "document": stored_document(stored)} for stored in found]
 
     async def close(self) -> None:
         await self.client.close()
