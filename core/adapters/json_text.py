@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from datetime import date
 from typing import Any
 from uuid import UUID
@@ -23,8 +22,11 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_as_orjson_does)
 
 
-# A run of 20 digits: a number orjson might read as a float (it keeps integers within 64 bits exact, no more).
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+# A run of 20 digits may be a number orjson would read as a float (it keeps integers within 64 bits exact, no
+# more). Found with a translation of every digit to "0" and a substring search, both C loops over the bytes: a
+# regular expression spent longer on a batch's half megabyte than parsing it did.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_NUMBER = b"0" * 20
 
 
 def loads(data: bytes | str) -> Any:
@@ -33,7 +35,7 @@ def loads(data: bytes | str) -> Any:
     reads those exactly. ValueError (orjson's JSONDecodeError is one) when it is not JSON, nesting too deep
     included."""
     raw = data.encode() if isinstance(data, str) else data
-    if _LONG_NUMBER.search(raw) is None:
+    if _LONG_NUMBER not in raw.translate(_DIGITS_AS_ZERO):
         return orjson.loads(raw)
     try:
         return json.loads(raw)
