@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 
 RATE_LIMIT_PREFIX = "cleanledger:ratelimit:"
-# Workers announce settled operations here: one message per committed group, a JSON object of operation id to
-# the entry cached under `result_key`.
+# Workers announce settled operations here: one message per committed group, its operation ids joined by ","
+# on a first line, then a JSON object of operation id to the entry cached under `result_key`.
 SETTLED_CHANNEL = "cleanledger:settled"
 API_KEY_REVOKED_CHANNEL = "cleanledger:api-key-revoked"  # message: the revoked key's id
 

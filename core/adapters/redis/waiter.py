@@ -1,10 +1,10 @@
 """Waiting for an operation to settle: Redis pub/sub wakes the waiter, `check()` gives the answer.
 
 One pub/sub connection per process, subscribed once to one channel (`SETTLED_CHANNEL`) on which every worker
-publishes, per committed group, what it settled: a JSON object of operation id to the entry it cached. One
-reader task hands each entry to the futures waiting for it (a node nobody waits on does not even parse the
-message). A lost or late notification costs latency, never correctness: the cache, then PostgreSQL (the
-caller's `check()`), still answer. When Redis is
+publishes, per committed group, what it settled: its operation ids on a first line, then a JSON object of
+operation id to the entry it cached. One reader task hands each entry to the futures waiting for it (a node
+that waits for none of the ids does not even parse the object). A lost or late notification costs latency,
+never correctness: the cache, then PostgreSQL (the caller's `check()`), still answer. When Redis is
 unavailable, or the connection is lost while waiting, `wait` polls `check()` with capped backoff instead, and
 the reader task reconnects in the background with backoff.
 
@@ -225,10 +225,14 @@ class SettlementWaiter:
         data = message.get("data")
         if message.get("type") != "message" or not isinstance(data, bytes) or not self._waiters:
             return  # nobody here waits: not even parsed
-        if not any(operation_id.encode() in data for operation_id in self._waiters):
+        ids, newline, entries = data.partition(b"\n")
+        if not newline:
+            log.warning("waiter.unreadable_announcement", size=len(data))
+            return
+        if not any(operation_id.decode(errors="replace") in self._waiters for operation_id in ids.split(b",")):
             return  # a group that settled none of this node's waiters (a batch's may be 300 KB): not parsed
         try:
-            settled = orjson.loads(data)
+            settled = orjson.loads(entries)
         except orjson.JSONDecodeError:
             log.warning("waiter.unreadable_announcement", size=len(data))
             return
