@@ -72,7 +72,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baseline import describe, plain_sql
 from common import fresh_database, machine_facts, print_machine, ratio, run_started, write_results
 from e2e import (
-    LOAD_PATH_KINDS,
     OPENING_CREDIT,
     BodyMaker,
     Phase,
@@ -82,7 +81,7 @@ from e2e import (
     body_maker,
     cleanledger,
     forget_redis_copies,
-    kind_of,
+    names_off_the_load_path,
     preflight,
     private_queue,
     procfile,
@@ -310,10 +309,7 @@ def main() -> None:
         parser.error(f"--batch-size is 1 to {MAX_BATCH_ITEMS}")
     if args.accounts < 2 or args.in_flight < 1 or args.seconds < 1:
         parser.error("--accounts is at least 2, --in-flight and --seconds at least 1")
-    without = frozenset(name.strip() for name in args.without.split(",") if name.strip())
-    names = [name for name, _ in procfile()]
-    if without - set(names) or any(kind_of(name) in LOAD_PATH_KINDS for name in without):
-        parser.error(f"--without takes Procfile names off the load path ({', '.join(names)}); not {sorted(without)}")
+    without = frozenset(names_off_the_load_path(parser, "--without", args.without))
     preflight()
     started = run_started()
     machine = machine_facts()

@@ -323,6 +323,19 @@ def stack_env(db_url: str, queue: str, *, loopback_webhooks: bool = False) -> di
     return env
 
 
+def names_off_the_load_path(parser: argparse.ArgumentParser, option: str, value: str) -> list[str]:
+    """The Procfile names a comma-separated `option` leaves out of the stack, sorted; a parser error for a name the
+    Procfile does not have, or for nginx or an ingress node (the load goes through them)."""
+    without = sorted({name.strip() for name in value.split(",") if name.strip()})
+    names = [name for name, _ in procfile()]
+    unknown = [name for name in without if name not in names]
+    if unknown:
+        parser.error(f"{option} takes Procfile names ({', '.join(names)}); not {unknown}")
+    if any(kind_of(name) in LOAD_PATH_KINDS for name in without):
+        parser.error(f"{option} cannot leave out nginx or an ingress node: the load goes through them")
+    return without
+
+
 def wait_ports_free(ports: tuple[int, ...], timeout_s: float = 15.0) -> None:
     """Until nothing answers on any of `ports` (a stopped stack's sockets are gone)."""
     deadline = time.monotonic() + timeout_s
@@ -1333,13 +1346,9 @@ def main() -> None:
         parser.error(f"cases are {', '.join(CASES)}; modes are {', '.join(MODES)}")
     without: list[str] = []
     if args.compare_without is not None:
-        without = sorted({name.strip() for name in args.compare_without.split(",") if name.strip()})
-        names = [name for name, _ in procfile()]
-        unknown = [name for name in without if name not in names]
-        if not without or unknown:
-            parser.error(f"--compare-without takes Procfile names ({', '.join(names)}); not {unknown or 'none'}")
-        if any(kind_of(name) in LOAD_PATH_KINDS for name in without):
-            parser.error("--compare-without cannot leave out nginx or an ingress node: the load goes through them")
+        without = names_off_the_load_path(parser, "--compare-without", args.compare_without)
+        if not without:
+            parser.error("--compare-without takes at least one Procfile name")
     preflight()
     started = run_started()
     machine = machine_facts()

@@ -69,7 +69,8 @@ def run_part(
     def batches(accounts: list[uuid.UUID]) -> None:
         rng = random.Random(0)
         while not stop.is_set():
-            items = tuple(Transfer(TENANT, *rng.sample(accounts, 2), ONE_CENT) for _ in range(MAX_BATCH_ITEMS))
+            pairs = (rng.sample(accounts, 2) for _ in range(MAX_BATCH_ITEMS))
+            items = tuple(Transfer(TENANT, source, destination, ONE_CENT) for source, destination in pairs)
             [outcome] = ledger.settle_group([Submission(Batch(TENANT, items), uuid.uuid4().hex, new_id())])
             with lock:
                 counts["batches" if getattr(outcome, "status", None) == "succeeded" else "given_up"] += 1
