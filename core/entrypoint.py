@@ -1,15 +1,30 @@
 """What every long-running process does first: answer `--help` and `--version` (and exit: no daemon starts),
-load its settings (an invalid variable is one line and exit 2), configure its JSON logs."""
+load its settings (an invalid variable is one line and exit 2), configure its JSON logs and its garbage collector."""
 
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import Sequence
 from importlib.metadata import version
 
 from core.adapters.metrics import serve_metrics
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
+
+# Allocations (less deallocations) between two collections of the youngest generation; CPython's default is 700.
+# A batch allocates some 100,000 objects, nearly all freed by reference counting, and at 700 the collector ran
+# about 150 times per batch for next to nothing: 15 % of a worker's CPU (bench/batches.py, py-spy).
+GC_YOUNGEST_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """Collect cycles less often, and leave out of every collection what the process built to start (modules,
+    settings, pools): it lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNGEST_THRESHOLD, middle, oldest)
 
 
 def parser_for(program: str, description: str) -> argparse.ArgumentParser:
@@ -45,4 +60,5 @@ def start(program: str, description: str, argv: Sequence[str] | None = None) -> 
     settings = settings_or_exit(program)
     configure_logging(level=settings.log_level, json=settings.log_json)
     serve_metrics_if_asked(args)
+    tune_garbage_collector()
     return settings

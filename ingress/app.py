@@ -20,7 +20,7 @@ from core.bootstrap import (
     operation_records,
     request_trail,
 )
-from core.entrypoint import parser_for
+from core.entrypoint import parser_for, tune_garbage_collector
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 from ingress.context import INGRESS, Ingress
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = settings_or_exit("ingress")
     configure_logging(level=settings.log_level, json=settings.log_json)
+    tune_garbage_collector()
     port = args.port or settings.ingress_port
     web.run_app(
         init_app(settings, node=f"{socket.gethostname()}:{port}"),

@@ -40,7 +40,7 @@ from core.adapters.metrics import OUTBOX_BACKLOG, OUTBOX_PUBLISHED
 from core.adapters.postgres.db import connect
 from core.adapters.rabbitmq.events import EventPublisher, PublishError
 from core.application.ports import Event
-from core.entrypoint import add_metrics_option, parser_for, serve_metrics_if_asked
+from core.entrypoint import add_metrics_option, parser_for, serve_metrics_if_asked, tune_garbage_collector
 from core.logs import configure_logging
 from core.settings import Settings, settings_or_exit
 
@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_or_exit("relay")
     configure_logging(level=settings.log_level, json=settings.log_json)
     serve_metrics_if_asked(args)
+    tune_garbage_collector()
 
     stop = threading.Event()
 

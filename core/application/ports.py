@@ -113,8 +113,9 @@ class AccountRepository(abc.ABC):
         """Insert new accounts as they stand (balance and version included). Their ids were locked free."""
 
     @abc.abstractmethod
-    def save(self, accounts: Sequence[Account]) -> None:
-        """Store the balance, version and status of locked accounts."""
+    def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
+        """Store the balances and versions of locked accounts, and the status and metadata of those among them
+        whose keys are in `restated`."""
 
 
 # A transaction, or a hold, by its full name: (tenant, id).
@@ -147,7 +148,9 @@ class HoldRepository(abc.ABC):
 class Ledger(abc.ABC):
     @abc.abstractmethod
     def append(self, postings: Sequence[Posting]) -> None:
-        """Insert the transactions and their entries."""
+        """Insert the transactions and their entries. A unit may call it several times as it goes (see
+        `settle.POSTINGS_PER_STATEMENT`), so it should not wait for the store's answer: a failure surfaces at
+        the latest at commit, and rolls the whole unit back."""
 
     @abc.abstractmethod
     def reversed_amounts(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, int]:

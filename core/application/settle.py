@@ -39,6 +39,7 @@ from core.application.ports import (
     Completion,
     Event,
     HoldKey,
+    Ledger,
     PlacedHold,
     Posting,
     Submission,
@@ -76,6 +77,12 @@ from core.domain.model import (
 
 Clock = Callable[[], datetime]
 log = structlog.get_logger(__name__)
+
+# Postings go to the ledger this many at a time while the group goes on, not all at its end: the unit's
+# pipeline does not wait for a statement's answer, so PostgreSQL inserts one chunk's transactions and entries
+# while the worker settles the next, and a batch of 1,000 holds its accounts' locks for less than the sum of
+# both (bench/batches.py).
+POSTINGS_PER_STATEMENT = 200
 
 
 def utc_now() -> datetime:
@@ -117,7 +124,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     with uow.writing(written_accounts(commands, originals, holds)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
-        books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock())
+        books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock(), ledger=uow.ledger)
         if originals:
             books.originals = originals
             books.reversed = uow.ledger.reversed_amounts(list(originals))
@@ -230,12 +237,14 @@ class _Books:
     """A group's view of the ledger while it settles: the locked accounts, changed in memory, and everything
     to write once the group is done."""
 
-    def __init__(self, locked: dict[AccountKey, Account], now: datetime) -> None:
+    def __init__(self, locked: dict[AccountKey, Account], now: datetime, *, ledger: Ledger) -> None:
         self.accounts = locked  # by (tenant, id): a group may serve many tenants
         self.now = now
+        self.ledger = ledger
         self.created: dict[AccountKey, Account] = {}  # inserted at the end as they then stand
-        self.changed: dict[AccountKey, Account] = {}  # existing rows whose balance or status changed
-        self.postings: list[Posting] = []
+        self.changed: dict[AccountKey, Account] = {}  # existing rows whose balance, status or metadata changed
+        self.restated: set[AccountKey] = set()  # those among them whose status or metadata changed
+        self.postings: list[Posting] = []  # not yet sent to the ledger (see POSTINGS_PER_STATEMENT)
         self.events: list[Event] = []
         self.originals: Mapping[TransactionKey, Transaction] = {}  # the transactions the group reverses
         self.reversed: dict[TransactionKey, int] = {}  # what their reversals moved so far, this group's included
@@ -279,9 +288,9 @@ class _Books:
         if self.created:
             uow.accounts.add(list(self.created.values()))
         if self.postings:
-            uow.ledger.append(self.postings)
+            self.ledger.append(self.postings)
         if self.changed:
-            uow.accounts.save(list(self.changed.values()))
+            uow.accounts.save(list(self.changed.values()), restated=self.restated)
         if self.placed:
             uow.holds.add(self.placed)
         if self.changed_holds:
@@ -358,6 +367,7 @@ class _Books:
         account = self._customer_account(command.tenant_id, command.account_id)
         account.patch_metadata(command.metadata)
         self._touch(account)
+        self.restated.add(account.key)
         body = account_json(account)
         self.events.append(operation.event("account.updated", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
@@ -366,6 +376,7 @@ class _Books:
         account = self._customer_account(command.tenant_id, command.account_id)
         account.change_status(command.status)
         self._touch(account)
+        self.restated.add(account.key)
         body = account_json(account)
         self.events.append(operation.event("account.status_changed", command.tenant_id, {"account": body}, self.now))
         return {"account": body}
@@ -514,6 +525,9 @@ class _Books:
         for account in touched:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id, operation.batch_item))
+        if len(self.postings) == POSTINGS_PER_STATEMENT:
+            self.ledger.append(self.postings)
+            self.postings = []
         result: dict[str, object] = {**extra, "transaction": transaction_json(transaction)}
         if operation.batch_item is None:  # a batch's item: its entries' balance_after say the same
             result["accounts"] = [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER]

@@ -50,16 +50,20 @@ class FakeAccounts(AccountRepository):
         self.books = books
 
     def lock(self, keys: Collection[AccountKey]) -> dict[AccountKey, Account]:
-        return {k: a for k in sorted(keys) if (a := self.books.accounts.get(k))}
+        # Copies, as rows read from a database are: the stored account changes only through `save`.
+        return {k: copy.copy(a) for k in sorted(keys) if (a := self.books.accounts.get(k))}
 
     def add(self, accounts: Sequence[Account]) -> None:
         for account in accounts:
             assert account.key not in self.books.accounts, "the use case adds only ids it locked free"
             self.books.accounts[account.key] = account
 
-    def save(self, accounts: Sequence[Account]) -> None:
+    def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
         for account in accounts:
-            assert account.key in self.books.accounts, "the use case saves only accounts it locked"
+            stored = self.books.accounts.get(account.key)
+            assert stored is not None, "the use case saves only accounts it locked"
+            if account.key not in restated:  # as the real store: only balances travel, unless restated
+                account = dataclasses.replace(account, status=stored.status, metadata=stored.metadata)
             self.books.accounts[account.key] = account
 
 

@@ -7,14 +7,24 @@ from uuid import UUID
 
 import pytest
 
-from core.application.commands import Command, CreateAccount, Credit, Debit
+from core.application.commands import (
+    Batch,
+    ChangeAccountStatus,
+    Command,
+    CreateAccount,
+    Credit,
+    Debit,
+    Transfer,
+    UpdateAccountMetadata,
+)
 from core.application.group_commit import Unsettled, settle_group
 from core.application.ports import Posting, StoreUnavailable, Submission
 from core.application.retry import RetryPolicy
-from core.application.settle import settle
+from core.application.settle import POSTINGS_PER_STATEMENT, settle
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused
 from core.domain.ids import new_id
+from core.domain.model import AccountStatus
 from core.domain.money import Money
 from tests.unit.fakes import Books, FakeLedger, FakeUnitOfWork
 
@@ -57,6 +67,61 @@ def test_each_command_sees_what_the_earlier_ones_of_its_group_left(books: Books,
     assert uow.commits == 1
     assert books.accounts[("acme", account)].balance == 3
     assert [tx.kind for tx, _ in books.transactions] == ["credit", "debit"]
+
+
+def test_a_status_and_metadata_changed_beside_postings_are_stored_with_the_balance(books: Books, account: UUID) -> None:
+    settle(
+        [
+            submit(Credit("acme", account, usd(10)), "c"),
+            submit(ChangeAccountStatus("acme", account, AccountStatus.FROZEN), "f"),
+            submit(Credit("acme", account, usd(5)), "refused: frozen"),
+        ],
+        uow=FakeUnitOfWork(books),
+    )
+    stored = books.accounts[("acme", account)]
+    assert (stored.balance, stored.status) == (10, AccountStatus.FROZEN)
+    settle(
+        [
+            submit(ChangeAccountStatus("acme", account, AccountStatus.OPEN), "o"),
+            submit(UpdateAccountMetadata("acme", account, {"team": "payments"}), "m"),
+            submit(Debit("acme", account, usd(1)), "d"),
+        ],
+        uow=FakeUnitOfWork(books),
+    )
+    settle([submit(UpdateAccountMetadata("acme", account, {"desk": "fx"}), "m2")], uow=FakeUnitOfWork(books))
+    stored = books.accounts[("acme", account)]
+    assert (stored.balance, stored.status) == (9, AccountStatus.OPEN)
+    assert stored.metadata == {"team": "payments", "desk": "fx"}
+
+
+def test_a_batch_sends_its_postings_in_chunks_as_it_goes_all_in_one_commit(books: Books) -> None:
+    opened = settle([submit(CreateAccount("acme", "USD"), f"open-{n}") for n in range(2)], uow=FakeUnitOfWork(books))
+    source, destination = (
+        UUID(a.result["account"]["id"]) for a in opened if isinstance(a, OperationResult) and a.result
+    )
+    settle([submit(Credit("acme", source, usd(1_000_000)), "fund")], uow=FakeUnitOfWork(books))
+    count = 2 * POSTINGS_PER_STATEMENT + 7
+    appended: list[int] = []
+
+    class CountingLedger(FakeLedger):
+        def append(self, postings: Sequence[Posting]) -> None:
+            appended.append(len(postings))
+            super().append(postings)
+
+    class CountingUnitOfWork(FakeUnitOfWork):
+        def __enter__(self) -> FakeUnitOfWork:
+            super().__enter__()
+            self.ledger = CountingLedger(self.working)
+            return self
+
+    uow = CountingUnitOfWork(books)
+    items = tuple(Transfer("acme", source, destination, usd(n + 1), {}) for n in range(count))
+    [batch] = settle([submit(Batch("acme", items), "batch")], uow=uow)
+    assert isinstance(batch, OperationResult) and batch.status is OperationStatus.SUCCEEDED
+    assert appended == [POSTINGS_PER_STATEMENT, POSTINGS_PER_STATEMENT, 7] and uow.commits == 1
+    posted = [tx for tx, _ in books.transactions if tx.kind == "transfer"]
+    assert [tx.entries[1].amount for tx in posted] == list(range(1, count + 1))  # all of them, in order
+    assert books.accounts[("acme", destination)].balance == count * (count + 1) // 2
 
 
 def test_a_key_twice_in_a_group_settles_once_and_a_reused_key_is_refused_alone(books: Books, account: UUID) -> None:

@@ -17,6 +17,7 @@ reached becomes `StoreUnavailable`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
@@ -97,14 +98,21 @@ def advisory_key(key: AccountKey) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# Enum members by their stored text, and overdraft policies by their limit: a batch reads 2,000 accounts, and
+# calling an enum class or a validating constructor for each cost a tenth of its time in the worker (py-spy).
+ACCOUNT_KINDS = {kind.value: kind for kind in AccountKind}
+ACCOUNT_STATUSES = {status.value: status for status in AccountStatus}
+overdraft_policy = functools.lru_cache(maxsize=1024)(OverdraftPolicy)
+
+
 def account_from_row(row: Sequence[Any]) -> Account:
     return Account(
         id=row[0],
         tenant_id=row[1],
         currency=row[2],
-        kind=AccountKind(row[3]),
-        overdraft=OverdraftPolicy(row[4]),
-        status=AccountStatus(row[5]),
+        kind=ACCOUNT_KINDS[row[3]],
+        overdraft=overdraft_policy(row[4]),
+        status=ACCOUNT_STATUSES[row[5]],
         balance=row[6],
         version=row[7],
         metadata=row[8],
@@ -242,31 +250,32 @@ class PostgresAccounts(AccountRepository):
             ),
         )
 
-    def save(self, accounts: Sequence[Account]) -> None:
+    def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
+        # An account's status and metadata travel only when they changed: most saves are a posting's balances,
+        # and parsing 2,000 unchanged metadata objects back into jsonb was a fifth of a batch's update.
         self.conn.execute(
-            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = u.s, metadata = u.m,"
-            " pending_debits = u.pd, pending_credits = u.pc, updated_at = now()"
+            "UPDATE accounts SET posted_balance = u.b, version = u.v, status = coalesce(u.s, accounts.status),"
+            " metadata = coalesce(u.m, accounts.metadata), pending_debits = u.pd, pending_credits = u.pc,"
+            " updated_at = now()"
             " FROM json_to_recordset(%s::json)"
             " AS u(t text, id uuid, b bigint, v bigint, s text, m jsonb, pd bigint, pc bigint)"
             " WHERE accounts.tenant_id = u.t AND accounts.id = u.id",
-            (
-                rows_json(
-                    [
-                        {
-                            "t": a.tenant_id,
-                            "id": a.id,
-                            "b": a.balance,
-                            "v": a.version,
-                            "s": a.status,
-                            "m": a.metadata,
-                            "pd": a.pending_debits,
-                            "pc": a.pending_credits,
-                        }
-                        for a in accounts
-                    ]
-                ),
-            ),
+            (rows_json([saved_account_row(a, restated=a.key in restated) for a in accounts]),),
         )
+
+
+def saved_account_row(account: Account, *, restated: bool) -> dict[str, Any]:
+    row = {
+        "t": account.tenant_id,
+        "id": account.id,
+        "b": account.balance,
+        "v": account.version,
+        "pd": account.pending_debits,
+        "pc": account.pending_credits,
+    }
+    if restated:
+        row["s"], row["m"] = account.status, account.metadata
+    return row
 
 
 class PostgresHolds(HoldRepository):
