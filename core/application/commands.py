@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from uuid import UUID
 
+import orjson
+
 from core.domain.errors import AmountInvalid, IdempotencyKeyInvalid, MetadataInvalid, SameAccount, ValidationFailed
 from core.domain.model import AccountStatus, OverdraftPolicy, validate_metadata, validate_tenant_id
 from core.domain.money import MAX_POSTING_AMOUNT, Money, validate_currency
@@ -23,6 +25,18 @@ from core.domain.money import MAX_POSTING_AMOUNT, Money, validate_currency
 CLIENT_ID_VERSIONS = frozenset({4, 7})
 # Idempotency keys: 1-255 printable ASCII characters, no spaces (UUIDs, ULIDs, "order-123:attempt-1"...).
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def canonical_json(body: dict[str, Any]) -> bytes:
+    """A command's JSON form as the fingerprint hashes it: keys sorted, no whitespace, UTF-8 unescaped, byte for
+    byte what `json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` writes, so keys
+    stored by earlier versions still match. orjson writes it several times faster (the fingerprint of a batch of
+    1,000 was a sixth of an ingress node's CPU); an integer beyond 64 bits or a lone surrogate it refuses, and
+    then the standard library writes it. A command's JSON form holds no floats, the one type they write apart."""
+    try:
+        return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def validate_idempotency_key(key: object) -> str:
@@ -61,8 +75,7 @@ class Command:
         """SHA-256 of the canonical JSON form: equal requests, equal fingerprints. `body` is `to_json()`,
         when the caller has it already."""
         body = self.to_json() if body is None else body
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

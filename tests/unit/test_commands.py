@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ from core.application.commands import (
     CreateAccount,
     Credit,
     Transfer,
+    canonical_json,
     command_from_json,
     validate_idempotency_key,
 )
@@ -26,6 +28,25 @@ uuids = st.uuids()
 # PostgreSQL stores no U+0000, and no lone surrogate has a UTF-8 form: metadata refuses both.
 no_nul = st.characters(exclude_characters="\x00", exclude_categories=["Cs"])
 metadata = st.dictionaries(st.text(no_nul, min_size=1, max_size=10), st.text(no_nul, max_size=20), max_size=5)
+
+
+# What a command's JSON form may hold: no floats (amounts are integers, metadata values strings), any text
+# (control characters and lone surrogates included) and integers past 64 bits.
+json_forms = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(st.text(), json_forms, max_size=6))
+def test_the_canonical_form_is_byte_for_byte_the_standard_librarys_sorted_compact_json(body: dict[str, object]) -> None:
+    """Fingerprints stored by earlier versions (json.dumps) must still match the ones computed now."""
+    try:
+        expected = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 form, the request was never accepted
+        return
+    assert canonical_json(body) == expected
 
 
 @given(uuids, uuids, st.integers(1, MAX_POSTING_AMOUNT), metadata)

@@ -20,6 +20,11 @@ from redis.retry import Retry
 CONNECT_TIMEOUT_S = 0.25  # seconds, to open a TCP connection
 SOCKET_TIMEOUT_S = 0.25  # seconds, to send a command and read its reply
 RETRIES = 1  # extra tries of a failed command, at once (no backoff)
+# RESP2, not redis-py 8's default RESP3: under RESP3 a pub/sub message is a push, and redis-py builds the
+# str() of every push for a debug log line before the level is checked. A batch's settlement announcement is
+# 300 KB, and every ingress node receives each one: that str() was an eighth of a node's CPU (py-spy). Nothing
+# here needs RESP3.
+PROTOCOL = 2
 
 # What "Redis unavailable" looks like: redis-py's own errors (its ConnectionError and TimeoutError included)
 # and the OS-level ones (builtin ConnectionError / TimeoutError are OSError subclasses).
@@ -35,6 +40,7 @@ def async_client(url: str) -> redis.asyncio.Redis:
         socket_keepalive=True,
         retry=AsyncRetry(NoBackoff(), RETRIES),
         decode_responses=False,
+        protocol=PROTOCOL,
     )
 
 
@@ -47,6 +53,7 @@ def sync_client(url: str) -> redis.Redis:
         socket_keepalive=True,
         retry=Retry(NoBackoff(), RETRIES),
         decode_responses=False,
+        protocol=PROTOCOL,
     )
 
 
