@@ -115,7 +115,7 @@ class AccountRepository(abc.ABC):
     @abc.abstractmethod
     def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
         """Store the balances and versions of locked accounts, and the status and metadata of those among them
-        whose keys are in `restated`."""
+        whose keys are in `restated`. A unit may save an account more than once; the last save stands."""
 
 
 # A transaction, or a hold, by its full name: (tenant, id).

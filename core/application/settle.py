@@ -39,7 +39,6 @@ from core.application.ports import (
     Completion,
     Event,
     HoldKey,
-    Ledger,
     PlacedHold,
     Posting,
     Submission,
@@ -78,10 +77,11 @@ from core.domain.model import (
 Clock = Callable[[], datetime]
 log = structlog.get_logger(__name__)
 
-# Postings go to the ledger this many at a time while the group goes on, not all at its end: the unit's
-# pipeline does not wait for a statement's answer, so PostgreSQL inserts one chunk's transactions and entries
-# while the worker settles the next, and a batch of 1,000 holds its accounts' locks for less than the sum of
-# both (bench/batches.py).
+# Postings go to the ledger this many at a time while the group goes on, with the balances they changed, not
+# all at its end: the unit's pipeline does not wait for a statement's answer, so PostgreSQL writes one chunk's
+# transactions, entries and balances while the worker settles the next, and a batch of 1,000 holds its
+# accounts' locks for little more than the worker's part (bench/batches.py). An account that a later chunk
+# changes again is saved again: a second row version, for the few accounts two chunks share.
 POSTINGS_PER_STATEMENT = 200
 
 
@@ -124,7 +124,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
     with uow.writing(written_accounts(commands, originals, holds)):
         # Each key's record as the group goes: (fingerprint, outcome) once known or settled here.
         records = {k: (e.fingerprint, e.operation) for k, e in uow.idempotency.claim(list(claims.values())).items()}
-        books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock(), ledger=uow.ledger)
+        books = _Books(uow.accounts.lock(uow.write_set.accounts) if uow.write_set else {}, clock(), uow=uow)
         if originals:
             books.originals = originals
             books.reversed = uow.ledger.reversed_amounts(list(originals))
@@ -153,7 +153,7 @@ def settle(submissions: Sequence[Submission], *, uow: UnitOfWork, clock: Clock =
             completions.append(Completion(command.tenant_id, key, outcome))
             answers.append(outcome)
         if completions:
-            books.write(uow)
+            books.write()
             uow.idempotency.complete(completions)
             uow.commit()
     return answers
@@ -237,14 +237,16 @@ class _Books:
     """A group's view of the ledger while it settles: the locked accounts, changed in memory, and everything
     to write once the group is done."""
 
-    def __init__(self, locked: dict[AccountKey, Account], now: datetime, *, ledger: Ledger) -> None:
+    def __init__(self, locked: dict[AccountKey, Account], now: datetime, *, uow: UnitOfWork) -> None:
         self.accounts = locked  # by (tenant, id): a group may serve many tenants
         self.now = now
-        self.ledger = ledger
+        self.uow = uow
         self.created: dict[AccountKey, Account] = {}  # inserted at the end as they then stand
-        self.changed: dict[AccountKey, Account] = {}  # existing rows whose balance, status or metadata changed
-        self.restated: set[AccountKey] = set()  # those among them whose status or metadata changed
-        self.postings: list[Posting] = []  # not yet sent to the ledger (see POSTINGS_PER_STATEMENT)
+        # Not yet sent to the unit (see POSTINGS_PER_STATEMENT): postings, existing accounts whose balance,
+        # status or metadata changed, and those among them whose status or metadata did.
+        self.postings: list[Posting] = []
+        self.changed: dict[AccountKey, Account] = {}
+        self.restated: set[AccountKey] = set()
         self.events: list[Event] = []
         self.originals: Mapping[TransactionKey, Transaction] = {}  # the transactions the group reverses
         self.reversed: dict[TransactionKey, int] = {}  # what their reversals moved so far, this group's included
@@ -283,14 +285,12 @@ class _Books:
             return OperationResult.failed(operation_id, error)
         return OperationResult.succeeded(operation_id, result)
 
-    def write(self, uow: UnitOfWork) -> None:
-        """Everything the group changed, one statement per kind of row."""
+    def write(self) -> None:
+        """Everything the group changed and did not send yet, one statement per kind of row."""
+        uow = self.uow
         if self.created:
             uow.accounts.add(list(self.created.values()))
-        if self.postings:
-            self.ledger.append(self.postings)
-        if self.changed:
-            uow.accounts.save(list(self.changed.values()), restated=self.restated)
+        self._send_postings()
         if self.placed:
             uow.holds.add(self.placed)
         if self.changed_holds:
@@ -526,14 +526,22 @@ class _Books:
             self._touch(account)
         self.postings.append(Posting(transaction, operation.id, operation.batch_item))
         if len(self.postings) == POSTINGS_PER_STATEMENT:
-            self.ledger.append(self.postings)
-            self.postings = []
+            self._send_postings()
         result: dict[str, object] = {**extra, "transaction": transaction_json(transaction)}
         if operation.batch_item is None:  # a batch's item: its entries' balance_after say the same
             result["accounts"] = [account_json(a) for a in touched if a.kind is AccountKind.CUSTOMER]
             # The event is the operation's snapshot: the transaction, its entries and the balances they left.
             self.events.append(operation.event("transaction.posted", transaction.tenant_id, result, self.now))
         return result
+
+    def _send_postings(self) -> None:
+        """The postings so far and the accounts they (or anything else) changed, to the unit."""
+        if self.postings:
+            self.uow.ledger.append(self.postings)
+            self.postings = []
+        if self.changed:
+            self.uow.accounts.save(list(self.changed.values()), restated=self.restated)
+            self.changed, self.restated = {}, set()
 
     def _stage(self, operation: Operation, event: Event) -> None:
         """Stage the event of an operation's outcome; a batch's items stage none (see `_batch`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ def new_id() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+@functools.lru_cache(maxsize=4096)  # a few (tenant, currency) pairs per process; a SHA-1 each time otherwise
 def external_account_id(tenant_id: str, currency: str) -> uuid.UUID:
     """The id of a tenant's external (system) account for one currency: derived, so no lookup is needed."""
     return uuid.uuid5(LEDGER_NAMESPACE, f"external:{tenant_id}:{currency}")

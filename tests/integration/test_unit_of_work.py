@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from core.adapters.postgres.db import connect
-from core.adapters.postgres.uow import PostgresUnitOfWork, advisory_key
+from core.adapters.postgres.uow import ADVISORY_KEY, PostgresUnitOfWork
 from core.application import handlers
 from core.application.commands import Credit, Debit
 from core.application.views import OperationStatus
@@ -41,7 +41,11 @@ def advisory_locks(db: psycopg.Connection[tuple[object, ...]], tenant: str, *acc
     """How many of these accounts' advisory locks any session holds (a bigint key is classid:objid)."""
     held = 0
     for account in accounts:
-        unsigned = advisory_key((tenant, account)) & 0xFFFF_FFFF_FFFF_FFFF
+        found = db.execute(
+            f"SELECT {ADVISORY_KEY.format(tenant='%s', account='%s')}", (tenant, str(account))
+        ).fetchone()
+        assert found is not None
+        unsigned = int(str(found[0])) & 0xFFFF_FFFF_FFFF_FFFF
         row = db.execute(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1"
             " AND classid = %s::bigint::oid AND objid = %s::bigint::oid",

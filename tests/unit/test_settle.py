@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from uuid import UUID
 
 import pytest
@@ -24,9 +24,9 @@ from core.application.settle import POSTINGS_PER_STATEMENT, settle
 from core.application.views import OperationResult, OperationStatus
 from core.domain.errors import IdempotencyKeyReused
 from core.domain.ids import new_id
-from core.domain.model import AccountStatus
+from core.domain.model import Account, AccountKey, AccountStatus
 from core.domain.money import Money
-from tests.unit.fakes import Books, FakeLedger, FakeUnitOfWork
+from tests.unit.fakes import Books, FakeAccounts, FakeLedger, FakeUnitOfWork
 
 
 def usd(amount: int) -> Money:
@@ -102,16 +102,23 @@ def test_a_batch_sends_its_postings_in_chunks_as_it_goes_all_in_one_commit(books
     settle([submit(Credit("acme", source, usd(1_000_000)), "fund")], uow=FakeUnitOfWork(books))
     count = 2 * POSTINGS_PER_STATEMENT + 7
     appended: list[int] = []
+    saved: list[int] = []
 
     class CountingLedger(FakeLedger):
         def append(self, postings: Sequence[Posting]) -> None:
             appended.append(len(postings))
             super().append(postings)
 
+    class CountingAccounts(FakeAccounts):
+        def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
+            saved.append(len(accounts))
+            super().save(accounts, restated=restated)
+
     class CountingUnitOfWork(FakeUnitOfWork):
         def __enter__(self) -> FakeUnitOfWork:
             super().__enter__()
             self.ledger = CountingLedger(self.working)
+            self.accounts = CountingAccounts(self.working)
             return self
 
     uow = CountingUnitOfWork(books)
@@ -119,6 +126,7 @@ def test_a_batch_sends_its_postings_in_chunks_as_it_goes_all_in_one_commit(books
     [batch] = settle([submit(Batch("acme", items), "batch")], uow=uow)
     assert isinstance(batch, OperationResult) and batch.status is OperationStatus.SUCCEEDED
     assert appended == [POSTINGS_PER_STATEMENT, POSTINGS_PER_STATEMENT, 7] and uow.commits == 1
+    assert saved == [2, 2, 2]  # the balances each chunk left, sent with it: the last save stands
     posted = [tx for tx, _ in books.transactions if tx.kind == "transfer"]
     assert [tx.entries[1].amount for tx in posted] == list(range(1, count + 1))  # all of them, in order
     assert books.accounts[("acme", destination)].balance == count * (count + 1) // 2
