@@ -59,7 +59,12 @@ class Command:
         body: dict[str, Any] = {"type": self.type}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if isinstance(value, Money):
+            kind = type(value)
+            if kind is str or kind is dict or kind is int:  # most fields, first: a batch writes 1,000 commands
+                body[name] = value
+            elif kind is UUID:
+                body[name] = str(value)
+            elif isinstance(value, Money):
                 body["amount"], body["currency"] = value.amount, value.currency
             elif isinstance(value, OverdraftPolicy):
                 body["overdraft_limit"] = value.limit

@@ -22,6 +22,7 @@ import orjson
 import pika
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from core.adapters import json_text
 from core.adapters.metrics import ACCEPT_GROUP_SIZE, PUBLISH_CONFIRM_SECONDS
 from core.adapters.rabbitmq.confirms import ConfirmingPublisher, PublishFailed, durable_queue
 from core.adapters.rabbitmq.connection import bounded_url
@@ -161,6 +162,12 @@ def command_batch_message(*, queue_name: str, claims: Sequence[Claim]) -> dramat
     )
 
 
+def message_body(message: dramatiq.Message[Any]) -> bytes:
+    """A message as Dramatiq's JSON, written by orjson: Dramatiq's own encoder is the standard library's, and
+    a batch's message carries 1,000 commands (a tenth of an ingress node's CPU, py-spy)."""
+    return json_text.dumps(message.asdict()).encode()
+
+
 class CommandPublisher:
     def __init__(self, amqp_url: str, *, queue_name: str) -> None:
         self.queue_name = queue_name
@@ -206,7 +213,7 @@ class AmqpCommandQueue(CommandQueue):
         started = time.perf_counter()
         try:
             await self.publisher.publish(
-                exchange="", routing_key=self.queue_name, body=message.encode(), properties=properties
+                exchange="", routing_key=self.queue_name, body=message_body(message), properties=properties
             )
         except PublishFailed as exc:
             PUBLISH_CONFIRM_SECONDS.labels("failed").observe(time.perf_counter() - started)
