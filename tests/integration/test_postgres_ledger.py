@@ -231,6 +231,27 @@ def test_ledger_history_is_append_only(
         db.execute(statement)
 
 
+@pytest.mark.parametrize(
+    ("tenant_id", "currency"), [("Upper-Case", "USD"), ("-leading", "USD"), ("ok", "usd"), ("ok", "US1")]
+)
+def test_the_store_refuses_an_account_whose_tenant_or_currency_is_malformed(
+    db: psycopg.Connection, tenant_id: str, currency: str
+) -> None:
+    """The last line behind the domain's own checks, on insert and on an update that sets either column; a
+    balance update is let through. Nothing is committed: accounts are never deleted."""
+    insert = "INSERT INTO accounts (id, tenant_id, currency, kind, overdraft_limit) VALUES (%s, %s, %s, 'customer', 0)"
+    with pytest.raises(psycopg.errors.CheckViolation), db.transaction(force_rollback=True):
+        db.execute(insert, (uuid.uuid4(), tenant_id, currency))
+    account = uuid.uuid4()
+    with db.transaction(force_rollback=True):
+        db.execute(insert, (account, "ok", "USD"))
+        updated = db.execute("UPDATE accounts SET posted_balance = 7 WHERE tenant_id = 'ok' AND id = %s", (account,))
+        assert updated.rowcount == 1
+        renamed = "UPDATE accounts SET tenant_id = %s, currency = %s WHERE tenant_id = 'ok' AND id = %s"
+        with pytest.raises(psycopg.errors.CheckViolation):
+            db.execute(renamed, (tenant_id, currency, account))
+
+
 def test_migrations_run_twice_are_a_no_op(settings: Settings, db: psycopg.Connection) -> None:
     before = db.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version").fetchall()
     assert migrate(settings) == []
