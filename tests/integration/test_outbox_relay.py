@@ -205,6 +205,28 @@ def test_rolled_back_unit_of_work_emits_nothing(
     assert tap.take(tenant, timeout=0.3) == []
 
 
+def test_a_large_event_among_small_ones_is_staged_and_published_in_its_place(
+    ledger: LedgerService, tenant: str, tap: EventTap, relay: OutboxRelay, db: Db
+) -> None:
+    """A batch's snapshot goes to PostgreSQL as a parameter of its own; the outbox order stays the staging order."""
+    now = datetime.now(UTC)
+    large = {"items": [{"n": n, "text": "x" * 40} for n in range(1_000)]}  # 55 KB of JSON
+    events = [
+        Event("test.small", tenant, {"n": 1}, now),
+        Event("test.large", tenant, large, now),
+        Event("test.small", tenant, {"n": 3}, now),
+        Event("test.small", tenant, {"n": 4}, now),
+    ]
+    with ledger.unit_of_work() as uow:
+        uow.outbox.stage(events)
+        uow.commit()
+
+    assert [event_id for event_id, _, _ in outbox_rows(db, tenant)] == [e.id for e in events]
+    relay.drain()
+    messages = tap.take(tenant, expected=4, timeout=2.0)
+    assert [m.body["data"] for m in messages] == [e.payload for e in events]
+
+
 def test_outbox_insert_notifies_on_commit_only(ledger: LedgerService, tenant: str, settings: Settings) -> None:
     with psycopg.connect(settings.database_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
