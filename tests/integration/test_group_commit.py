@@ -84,6 +84,29 @@ def test_a_group_mixing_rejections_and_successes_on_one_account_commits_once_in_
     assert verify(db) == []
 
 
+def test_a_group_serving_two_tenants_writes_each_tenants_postings_under_its_own_name(
+    ledger: LedgerService, tenant: str, db: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    """Postings travel to PostgreSQL grouped by tenant: each entry keeps its own tenant and the group's time."""
+    other = f"{tenant}-b"
+    a, b = open_account(ledger, tenant), open_account(ledger, other)
+    outcomes = results(
+        ledger.settle_group(
+            [submit(Credit(tenant, a, usd(5))), submit(Credit(other, b, usd(7))), submit(Credit(tenant, a, usd(1)))]
+        )
+    )
+    assert [o.status for o in outcomes] == [OperationStatus.SUCCEEDED] * 3
+    rows = db.execute(
+        "SELECT e.tenant_id, e.account_id, e.amount, e.created_at = t.created_at FROM entries e"
+        " JOIN transactions t ON t.id = e.transaction_id WHERE t.operation_id = ANY(%s) AND e.amount > 0"
+        " ORDER BY e.tenant_id, e.amount",
+        ([o.operation_id for o in outcomes],),
+    ).fetchall()
+    assert rows == [(tenant, a, 1, True), (tenant, a, 5, True), (other, b, 7, True)]
+    assert (balance(ledger, tenant, a), balance(ledger, other, b)) == (6, 7)
+    assert verify(db) == []
+
+
 def test_one_key_twice_in_a_group_posts_once_and_answers_both_alike(
     ledger: LedgerService, tenant: str, db: psycopg.Connection[tuple[object, ...]]
 ) -> None:

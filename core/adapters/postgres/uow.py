@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
@@ -353,57 +354,55 @@ class PostgresLedger(Ledger):
         self.conn = conn
 
     def append(self, postings: Sequence[Posting]) -> None:
-        cur = self.conn.cursor()
-        cur.execute(
-            "INSERT INTO transactions (id, tenant_id, kind, operation_id, batch_item, reverses, metadata, created_at)"
-            " SELECT id, t, k, o, i, r, m, at FROM json_to_recordset(%s::json)"
-            " AS u(id uuid, t text, k text, o uuid, i integer, r uuid, m jsonb, at timestamptz)",
-            (
-                rows_json(
-                    [
-                        {
-                            "id": p.transaction.id,
-                            "t": p.transaction.tenant_id,
-                            "k": p.transaction.kind,
-                            "o": p.operation_id,
-                            "i": p.batch_item,
-                            "r": p.transaction.reverses,
-                            "m": p.transaction.metadata,
-                            "at": p.transaction.created_at,
-                        }
-                        for p in postings
-                    ]
-                ),
-            ),
-        )
-        cur.execute(
-            "INSERT INTO entries (transaction_id, tenant_id, account_id, sequence, amount, currency, balance_after,"
-            " created_at)"
-            " SELECT x, t, a, s, m, c, b, at FROM json_to_recordset(%s::json)"
-            " AS u(x uuid, t text, a uuid, s bigint, m bigint, c text, b bigint, at timestamptz)",
-            (
-                rows_json(
-                    [
-                        {
-                            "x": p.transaction.id,
-                            "t": p.transaction.tenant_id,
-                            "a": e.account_id,
-                            "s": e.sequence,
-                            "m": e.amount,
-                            "c": e.currency,
-                            "b": e.balance_after,
-                            "at": p.transaction.created_at,
-                        }
-                        for p in postings
-                        for e in p.transaction.entries
-                    ]
-                ),
-            ),
-        )
+        # A group's postings share its time and, most often, a tenant: both travel once per statement rather than
+        # in every row, since PostgreSQL parses each row's fields, a timestamp's most dearly (a batch's 2,000
+        # entries and 1,000 transactions).
+        shared: dict[tuple[str, datetime], list[Posting]] = {}
+        for posting in postings:
+            shared.setdefault((posting.transaction.tenant_id, posting.transaction.created_at), []).append(posting)
+        for (tenant, created_at), group in shared.items():
+            self.conn.execute(APPEND_TRANSACTIONS, (tenant, created_at, rows_json([transaction_row(p) for p in group])))
+            entries = [entry_row(p.transaction.id, e) for p in group for e in p.transaction.entries]
+            self.conn.execute(APPEND_ENTRIES, (tenant, created_at, rows_json(entries)))
 
     def reversed_amounts(self, keys: Collection[TransactionKey]) -> dict[TransactionKey, int]:
         rows = self.conn.execute(REVERSED_AMOUNTS, (keys_json(keys),)).fetchall()
         return {(row[0], row[1]): row[2] for row in rows}
+
+
+APPEND_TRANSACTIONS = (
+    "INSERT INTO transactions (id, tenant_id, kind, operation_id, batch_item, reverses, metadata, created_at)"
+    " SELECT id, %s, k, o, i, r, m, %s FROM json_to_recordset(%s::json)"
+    " AS u(id uuid, k text, o uuid, i integer, r uuid, m jsonb)"
+)
+APPEND_ENTRIES = (
+    "INSERT INTO entries (transaction_id, tenant_id, account_id, sequence, amount, currency, balance_after, created_at)"
+    " SELECT x, %s, a, s, m, c, b, %s FROM json_to_recordset(%s::json)"
+    " AS u(x uuid, a uuid, s bigint, m bigint, c text, b bigint)"
+)
+
+
+def transaction_row(posting: Posting) -> dict[str, Any]:
+    tx = posting.transaction
+    return {
+        "id": tx.id,
+        "k": tx.kind,
+        "o": posting.operation_id,
+        "i": posting.batch_item,
+        "r": tx.reverses,
+        "m": tx.metadata,
+    }
+
+
+def entry_row(transaction_id: UUID, entry: Entry) -> dict[str, Any]:
+    return {
+        "x": transaction_id,
+        "a": entry.account_id,
+        "s": entry.sequence,
+        "m": entry.amount,
+        "c": entry.currency,
+        "b": entry.balance_after,
+    }
 
 
 # What the reversals of each transaction moved: their credits, summed, found through transactions_reverses_idx.
