@@ -3,8 +3,9 @@
 `settle` locks every account the group may write once, in id order, claims all the group's idempotency keys
 in one statement, then applies the domain rules to each command in order, in memory, each seeing the state
 the earlier ones left. A business rejection is that command's final result and leaves the others alone. The
-writes (new accounts, transactions, entries, balances, outcomes, events) go out as one statement each, and
-the unit commits once. A group of one is the synchronous path; the workers hand it up to hundreds.
+writes go out as one statement per kind of row: postings and the balances they change in chunks while the
+group settles (`POSTINGS_PER_STATEMENT`), new accounts, outcomes and events at its end; the unit commits
+once. A group of one is the synchronous path; the workers hand it up to hundreds.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def rejected_event(command: Command, operation: Operation, error: LedgerError, n
 
 class _Books:
     """A group's view of the ledger while it settles: the locked accounts, changed in memory, and everything
-    to write once the group is done."""
+    to write, sent to the unit as the group goes (postings and balances) or once it is done (the rest)."""
 
     def __init__(self, locked: dict[AccountKey, Account], now: datetime, *, uow: UnitOfWork) -> None:
         self.accounts = locked  # by (tenant, id): a group may serve many tenants

@@ -7,8 +7,9 @@ begin and take its snapshot, so it never meets a newer version of a row it locks
 writer that waited on a hot account's row lock would fail with 40001 "concurrent update" once the holder
 committed, and hot accounts would turn into a lottery of retries. The accounts' rows are read (see
 LOCK_ACCOUNTS) with BEGIN and sent with the idempotency claim (1). New accounts, transactions, entries,
-balances, outcomes, outbox, COMMIT and the advisory unlock are queued together and flushed at commit (1).
-Three round trips per unit, however many commands it settles.
+balances, outcomes, outbox, COMMIT and the advisory unlock are queued and flushed at commit (1); a batch's
+postings and balances are sent in chunks while it settles (see `settle.POSTINGS_PER_STATEMENT`), and nothing
+waits for their answers. Three round trips per unit, however many commands it settles.
 
 SQLSTATE 40001 (serialization failure), 40P01 (deadlock) and 55P03 (lock timeout) become
 `TransientConflict` so the application's retry policy re-runs the whole unit; a server that cannot be
@@ -266,7 +267,8 @@ class PostgresAccounts(AccountRepository):
 
     def save(self, accounts: Sequence[Account], *, restated: Collection[AccountKey] = ()) -> None:
         # An account's status and metadata travel only when they changed: most saves are a posting's balances,
-        # and parsing 2,000 unchanged metadata objects back into jsonb was a fifth of a batch's update.
+        # and a batch's 2,000 unchanged metadata objects were serialized, sent and parsed back into jsonb for
+        # nothing.
         self.conn.execute(
             "UPDATE accounts SET posted_balance = u.b, version = u.v, status = coalesce(u.s, accounts.status),"
             " metadata = coalesce(u.m, accounts.metadata), pending_debits = u.pd, pending_credits = u.pc,"
