@@ -373,14 +373,22 @@ async def test_an_event_seen_twice_and_two_workers_still_deliver_each_once(
 
 
 def publish_twice(settings: Settings, document: dict[str, Any]) -> None:
+    body = json.dumps(document).encode()
+    publish_events(settings, [(document["type"], body, None)] * 2)
+
+
+def publish_events(settings: Settings, messages: list[tuple[str, bytes, dict[str, Any] | None]]) -> None:
+    """(routing key, body, properties) messages published on the events exchange, each confirmed."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
         channel = connection.channel()
         channel.confirm_delivery()
-        for _ in range(2):
-            channel.basic_publish(settings.events_exchange, document["type"], json.dumps(document).encode())
+        for routing_key, body, properties in messages:
+            channel.basic_publish(
+                settings.events_exchange, routing_key, body, pika.BasicProperties(**properties) if properties else None
+            )
     finally:
         connection.close()
 
@@ -416,17 +424,13 @@ async def test_a_wanted_event_whose_body_is_not_json_is_dropped_and_the_others_d
 def publish_with_properties(settings: Settings, tenant: str, messages: list[tuple[str, str, bytes]]) -> None:
     """(event id, type, body) messages published as the relay publishes events: id, type and tenant in the
     message's properties."""
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for event_id, event_type, body in messages:
-            properties = pika.BasicProperties(message_id=event_id, type=event_type, headers={"tenant_id": tenant})
-            channel.basic_publish(settings.events_exchange, event_type, body, properties)
-    finally:
-        connection.close()
+    publish_events(
+        settings,
+        [
+            (event_type, body, {"message_id": event_id, "type": event_type, "headers": {"tenant_id": tenant}})
+            for event_id, event_type, body in messages
+        ],
+    )
 
 
 async def test_resend_of_a_failed_delivery(
